@@ -3,3 +3,27 @@
 import os
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import importlib
+from typing import Any
+
+# Exports resolve lazily (PEP 562) so `python -m data_modules.synthetic` does not pay for importing Lightning.
+_EXPORTS = {
+    "AnomalyDataModule": "data_modules.base",
+    "BraTSDataModule": "data_modules.brats",
+    "EvalDistributedSampler": "data_modules.samplers",
+    "ImageFolderDataModule": "data_modules.folder",
+    "MVTEC_CATEGORIES": "data_modules.mvtec",
+    "MVTecDataModule": "data_modules.mvtec",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'data_modules' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -1,4 +1,4 @@
-"""Shared test set-up: offline W&B, no network, small thread count."""
+"""Shared test set-up: offline W&B, no network, small thread count; demo data built once per session."""
 
 import os
 import tempfile
@@ -7,3 +7,47 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ["WANDB_MODE"] = "offline"
 os.environ.setdefault("WANDB_DIR", tempfile.mkdtemp(prefix="lsgs-wandb-"))
 os.environ.setdefault("WANDB_SILENT", "true")
+
+from pathlib import Path
+
+import pytest
+
+# Small demo sets: big enough for every code path (3 MVTec categories incl. a grayscale one, 4 defect types,
+# HGG + LGG cases with healthy and tumour slices), small enough to build in a few seconds.
+DEMO_MVTEC_KWARGS = {"seed": 0, "n_train": 16, "n_test_good": 2, "n_test_per_defect": 2, "size": 128}
+DEMO_BRATS_KWARGS = {"seed": 0, "n_hgg": 6, "n_lgg": 2, "shape": (96, 96, 48)}
+
+
+@pytest.fixture(scope="session")
+def demo_mvtec_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MVTec-layout demo data (fabric, nut, mesh [grayscale]; 16 train + 10 test images each, 128 px).
+
+    Read-only: tests that need to alter files copy it first.
+    """
+    from data_modules.synthetic import write_mvtec_demo
+
+    return write_mvtec_demo(tmp_path_factory.mktemp("demo") / "mvtec", **DEMO_MVTEC_KWARGS)
+
+
+@pytest.fixture(scope="session")
+def demo_brats_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """BraTS2018-layout demo data (6 HGG + 2 LGG cases, 96x96x48 volumes). Read-only."""
+    from data_modules.synthetic import write_brats_demo
+
+    return write_brats_demo(tmp_path_factory.mktemp("demo") / "brats", **DEMO_BRATS_KWARGS)
+
+
+@pytest.fixture(scope="session")
+def data_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Session-wide decoded-array cache directory (pass as `cache_dir=` to the data modules)."""
+    return tmp_path_factory.mktemp("lsgs-cache")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # One thread per process: tiny models gain nothing from a second thread, OpenMP spin-waiting makes them
+    # 10-100x slower when another process holds the other core, and 2-process tests get one core each.
+    # Subprocesses inherit the setting through the environment.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)

@@ -1,0 +1,321 @@
+"""The shared LightningDataModule: arguments, cached datasets, samplers, dataloaders and the batch contract.
+
+Batch contract (every later stage depends on it). Each item is a dict:
+    image        float32 [C, H, W] in [0, 1] (C = 3 for MVTec, 1 for BraTS; BraTS "zscore" is not in [0, 1])
+    mask         float32 [1, H, W] in {0, 1}, all zeros for normal images
+    label        int64 scalar, 0 normal / 1 anomalous (-1 = unknown, image folders only)
+    roi          float32 [1, H, W] in {0, 1}, the region to score (BraTS brain mask, MVTec all ones)
+    category     str
+    path         str, the source image / FLAIR file
+    slice_index  int, BraTS axial slice index, -1 for 2-D images
+    index        int, position of the item in its split's dataset
+with H = W = image_size. The default collate stacks tensors and gives lists for the str fields.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from data_modules.cache import default_cache_dir, open_arrays
+from data_modules.samplers import EvalDistributedSampler
+from data_modules.transforms import apply_transform, build_transforms
+from lsgs.errors import ConfigError
+
+SPLITS = ("train", "train_eval", "val", "test")
+MAX_IMAGE_SIZE = 4096
+
+
+@dataclass(frozen=True)
+class Item:
+    """Where one dataset item lives in the cache, and its metadata."""
+
+    entry: int  # index into the dataset's list of cache entries
+    row: int  # row in that entry's arrays
+    label: int
+    category: str
+    path: str
+    slice_index: int = -1
+
+
+def decode_workers() -> int:
+    """Threads used to decode files while building a cache."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+class CachedDataset(Dataset):
+    """One split of a cached data set: rows of memory-mapped arrays turned into batch-contract dicts.
+
+    Each cache entry directory holds `images.npy` ([N, H, W, 3] or [N, H, W] uint8, or [N, H, W] float16/32),
+    `masks.npy` ([N, H, W] uint8) and optionally `roi.npy` ([N, H, W] uint8; all ones when absent). The maps
+    are opened lazily in each process and never pickled, so DataLoader workers started with spawn or
+    forkserver do not copy the arrays.
+
+    Args:
+        entries: cache entry directories.
+        items: the split's items, in dataset order.
+        transform: albumentations pipeline applied jointly to image, mask and roi (train split only).
+    """
+
+    def __init__(self, entries: Sequence[Path], items: Sequence[Item], transform: Any = None) -> None:
+        self.entries = [Path(e) for e in entries]
+        self.items = list(items)
+        self.transform = transform
+        self._arrays: dict[int, dict[str, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_arrays"] = {}
+        return state
+
+    def _entry_arrays(self, entry: int) -> dict[str, np.ndarray]:
+        arrays = self._arrays.get(entry)
+        if arrays is None:
+            path = self.entries[entry]
+            names = ["images", "masks"] + (["roi"] if (path / "roi.npy").exists() else [])
+            arrays = self._arrays[entry] = open_arrays(path, names)
+        return arrays
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.items[index]
+        arrays = self._entry_arrays(item.entry)
+        image = np.array(arrays["images"][item.row])  # copy out of the read-only map
+        mask = np.array(arrays["masks"][item.row])
+        roi = np.array(arrays["roi"][item.row]) if "roi" in arrays else None
+        if self.transform is not None:
+            if roi is None:
+                roi = np.ones_like(mask)
+            if image.dtype == np.float16:  # albumentations/cv2 do not take float16
+                image = image.astype(np.float32)
+            # A seed from torch's RNG: reproducible under seed_everything, distinct per worker and epoch.
+            seed = int(torch.randint(0, 2**31 - 1, ()).item())
+            image, mask, roi = apply_transform(self.transform, image, mask, roi, seed)
+        return {
+            "image": image_to_tensor(image),
+            "mask": torch.from_numpy(np.ascontiguousarray(mask)).to(torch.float32)[None],
+            "label": torch.tensor(item.label, dtype=torch.int64),
+            "roi": (
+                torch.ones((1, *mask.shape), dtype=torch.float32)
+                if roi is None
+                else torch.from_numpy(np.ascontiguousarray(roi)).to(torch.float32)[None]
+            ),
+            "category": item.category,
+            "path": item.path,
+            "slice_index": item.slice_index,
+            "index": index,
+        }
+
+
+def image_to_tensor(image: np.ndarray) -> torch.Tensor:
+    """Cached image to the batch layout.
+
+    Args:
+        image: [H, W, C] or [H, W]; uint8 (scaled by 1/255) or float (kept).
+
+    Returns:
+        float32 [C, H, W].
+    """
+    t = torch.from_numpy(np.ascontiguousarray(image))
+    t = t.to(torch.float32)
+    if image.dtype == np.uint8:
+        t = t.div_(255.0)
+    if t.ndim == 2:
+        return t[None]
+    return t.permute(2, 0, 1).contiguous()  # [H, W, C] -> [C, H, W]
+
+
+def n_holdout(n: int, fraction: float) -> int:
+    """How many of `n` items a fraction holds out: round(fraction * n), at least 1 when fraction > 0, and
+    always leaving at least one item behind."""
+    if fraction <= 0 or n <= 1:
+        return 0
+    return int(min(max(round(fraction * n), 1), n - 1))
+
+
+def check_fraction(name: str, value: float) -> None:
+    """ConfigError unless 0 <= value < 1."""
+    if not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
+        raise ConfigError(f"{name} must be in [0, 1), got {value!r}")
+
+
+class AnomalyDataModule(pl.LightningDataModule, abc.ABC):
+    """Arguments, splits and dataloaders shared by every data module of the project.
+
+    Subclasses implement `_build_cache` (scan and validate the data on disk, decode it into cache entries)
+    and `_make_splits` (turn the cache indexes into train/val/test items), plus `num_channels` and
+    `test_categories`.
+
+    Args:
+        root: data root directory.
+        image_size: side of the square images given to the model, in pixels.
+        batch_size: training batch size.
+        eval_batch_size: batch size of evaluation loaders (val/test/predict/train_eval); None = batch_size.
+        num_workers: DataLoader worker processes (0 = load in the main process).
+        val_fraction: fraction of the training data held back as validation normals (never test data).
+        seed: seed of the train/val (and BraTS patient) splits.
+        train_transforms: albumentations specs applied to the train split only, e.g.
+            `[{"name": "HorizontalFlip", "p": 0.5}]`; spatial ones move image, mask and roi together.
+        cache_dir: root of the decoded-array cache; None = $LSGS_CACHE_DIR or ~/.cache/lsgs.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        image_size: int = 128,
+        batch_size: int = 16,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        train_transforms: list[dict] | None = None,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if not isinstance(image_size, int) or not 8 <= image_size <= MAX_IMAGE_SIZE:
+            raise ConfigError(f"image_size must be an int in [8, {MAX_IMAGE_SIZE}], got {image_size!r}")
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise ConfigError(f"num_workers must be an int >= 0, got {num_workers!r}")
+        check_fraction("val_fraction", val_fraction)
+        self.root = Path(root).expanduser()
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.val_fraction = float(val_fraction)
+        self.seed = int(seed)
+        self.cache_root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        self.train_transform = build_transforms(train_transforms)
+        self._entries: list[Path] | None = None
+        self._datasets: dict[str, CachedDataset] | None = None
+
+    # ----------------------------------------------------------------------------------------- subclass API
+    @property
+    @abc.abstractmethod
+    def num_channels(self) -> int:
+        """Channels C of `image`: 3 (MVTec) or 1 (BraTS)."""
+
+    @property
+    @abc.abstractmethod
+    def test_categories(self) -> list[str]:
+        """Categories evaluated, in order."""
+
+    @abc.abstractmethod
+    def _build_cache(self) -> list[Path]:
+        """Validate the data on disk, build any missing cache entries, return their directories."""
+
+    @abc.abstractmethod
+    def _make_splits(self, entries: list[Path]) -> Mapping[str, list[Item]]:
+        """Items of the "train", "val" and "test" splits, from the cache entries' indexes."""
+
+    # ------------------------------------------------------------------------------------- Lightning hooks
+    def prepare_data(self) -> None:
+        """Validate the data on disk and build the cache (Lightning calls this on local rank 0 only)."""
+        self._entries = self._build_cache()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Open the cache (building it if `prepare_data` did not run here) and make the splits.
+
+        Works without a trainer attached; calling it again is a no-op.
+        """
+        if self._datasets is not None:
+            return
+        if self._entries is None:
+            self._entries = self._build_cache()
+        splits = self._make_splits(self._entries)
+        entries = self._entries
+        self._datasets = {
+            "train": CachedDataset(entries, splits["train"], self.train_transform),
+            "train_eval": CachedDataset(entries, splits["train"], None),
+            "val": CachedDataset(entries, splits["val"], None),
+            "test": CachedDataset(entries, splits["test"], None),
+        }
+
+    def dataset(self, split: str) -> CachedDataset:
+        """The dataset of a split ("train", "train_eval", "val", "test"); runs `setup()` if needed."""
+        if split not in SPLITS:
+            raise ConfigError(f"unknown split {split!r}; expected one of {SPLITS}")
+        self.setup()
+        assert self._datasets is not None
+        return self._datasets[split]
+
+    @property
+    def train_size(self) -> int:
+        """Number of training images (runs `setup()` if needed)."""
+        return len(self.dataset("train"))
+
+    # ----------------------------------------------------------------------------------------- loaders
+    def _world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 1, 0
+        return int(trainer.world_size), int(trainer.global_rank)
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        data = self.dataset(split)
+        world, rank = self._world()
+        sampler = EvalDistributedSampler(data, num_replicas=world, rank=rank) if world > 1 else None
+        return DataLoader(
+            data,
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled, augmented training normals.
+
+        The order is a seeded permutation per epoch (`DistributedSampler`, seed = `seed`; Lightning sets the
+        epoch), also on one device: rank r of R takes every R-th item of the same permutation, so R devices
+        with batch size b/R see the same samples per step as one device with batch size b. That makes a
+        multi-device run reproduce a single-device run (up to float summation order) and makes resumed runs
+        replay the same order.
+        """
+        world, rank = self._world()
+        data = self.dataset("train")
+        return DataLoader(
+            data,
+            batch_size=self.batch_size,
+            sampler=DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=self.seed),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_eval_dataloader(self) -> DataLoader:
+        """The whole train split in order, without augmentation (k-means encoding, baselines)."""
+        return self._eval_loader("train_eval")
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation normals, held back from the training data."""
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        """The test set, in order (categories in `test_categories` order)."""
+        return self._eval_loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        """The test set, unless the model being run asks for another split through a `predict_split`
+        attribute: the codebook aggregator predicts over the whole training set ("train")."""
+        trainer = getattr(self, "trainer", None)
+        model = getattr(trainer, "lightning_module", None) if trainer is not None else None
+        split = getattr(model, "predict_split", "test")
+        return self._eval_loader("train_eval" if split == "train" else split)

@@ -1,0 +1,242 @@
+"""MVTec AD: scanning and validating the on-disk layout, caching, and `MVTecDataModule`.
+
+Layout (official): `<root>/<category>/train/good/*.png`, `<root>/<category>/test/<defect>/*.png` (`good` =
+normal), `<root>/<category>/ground_truth/<defect>/<stem>_mask.png`. Hidden files and directories and non-image
+files (readme, license) are ignored; .png/.jpg/.jpeg/.bmp/.tif(f) are accepted in any case.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from data_modules import image_io
+from data_modules.base import AnomalyDataModule, Item, decode_workers, n_holdout
+from data_modules.cache import NpyStreamWriter, build_entry, cache_key, read_index, write_json
+from lsgs.errors import ConfigError, DataError, DataNotFoundError
+
+MVTEC_CATEGORIES: tuple[str, ...] = (
+    "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
+    "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper",
+)  # fmt: skip
+GOOD = "good"
+
+
+@dataclass(frozen=True)
+class MVTecSample:
+    """One image of a category: its split ("train"/"test"), defect type ("good" = normal) and mask file."""
+
+    path: Path
+    split: str
+    defect: str
+    mask_path: Path | None
+
+    @property
+    def label(self) -> int:
+        return int(self.defect != GOOD)
+
+
+def find_categories(root: Path) -> list[str]:
+    """Category directories under `root` that have a `train/good` directory, sorted by name.
+
+    Raises:
+        DataNotFoundError: `root` is not a directory.
+    """
+    if not root.is_dir():
+        raise DataNotFoundError(f"MVTec root {root} does not exist or is not a directory")
+    return sorted(p.name for p in root.iterdir() if image_io.is_visible(p) and (p / "train" / GOOD).is_dir())
+
+
+def resolve_categories(root: Path, category: str | list[str]) -> list[str]:
+    """The categories selected by `category` ("all", one name, or a list), in the order given.
+
+    Raises:
+        DataNotFoundError: the root is missing, "all" finds nothing, or a name is not a category under root.
+        ConfigError: an empty selection or a repeated name.
+    """
+    found = find_categories(root)
+    if category == "all":
+        if not found:
+            raise DataNotFoundError(f"{root}: no category directory with a train/good folder found")
+        return found
+    names = [category] if isinstance(category, str) else list(category)
+    if not names:
+        raise ConfigError("category: an empty list selects nothing; use 'all' or category names")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"category: repeated names in {names}")
+    for name in names:
+        if name not in found:
+            raise DataNotFoundError(
+                f"MVTec category {name!r} not found under {root} (a category has <root>/<name>/train/good); "
+                f"valid categories found: {found or 'none'}"
+            )
+    return names
+
+
+def _mask_index(directory: Path) -> dict[str, Path]:
+    """Masks of one defect directory keyed by their exact stem (`000_mask`)."""
+    if not directory.is_dir():
+        return {}
+    index: dict[str, Path] = {}
+    for path in image_io.list_images(directory):
+        if path.stem in index:
+            raise DataError(
+                f"{directory}: two masks share the stem {path.stem!r}: {index[path.stem].name}, {path.name}"
+            )
+        index[path.stem] = path
+    return index
+
+
+def scan_category(root: Path, category: str) -> list[MVTecSample]:
+    """All samples of a category: train/good, then test defects in name order; masks paired by exact stem.
+
+    Raises:
+        DataError: no train images, no test images, or a test defect image without `<stem>_mask.*`.
+    """
+    base = root / category
+    train_dir = base / "train" / GOOD
+    train = [MVTecSample(p, "train", GOOD, None) for p in image_io.list_images(train_dir)]
+    if not train:
+        raise DataError(f"MVTec category {category!r}: no training images in {train_dir}")
+    test_root = base / "test"
+    if not test_root.is_dir():
+        raise DataError(f"MVTec category {category!r}: missing test directory {test_root}")
+    test: list[MVTecSample] = []
+    for defect_dir in sorted(p for p in test_root.iterdir() if image_io.is_visible(p) and p.is_dir()):
+        defect = defect_dir.name
+        masks = {} if defect == GOOD else _mask_index(base / "ground_truth" / defect)
+        for path in image_io.list_images(defect_dir):
+            mask = None
+            if defect != GOOD:
+                mask = masks.get(f"{path.stem}_mask")
+                if mask is None:
+                    raise DataError(
+                        f"{path}: defect image without its mask; expected "
+                        f"{base / 'ground_truth' / defect / (path.stem + '_mask.png')}"
+                    )
+            test.append(MVTecSample(path, "test", defect, mask))
+    if not test:
+        raise DataError(f"MVTec category {category!r}: no test images under {test_root}")
+    return train + test
+
+
+def decode_sample(sample: MVTecSample, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Decode one sample at `size`.
+
+    Returns:
+        (image [size, size, 3] uint8, mask [size, size] uint8 in {0, 1}; zeros for normal images).
+    """
+    image, original = image_io.read_image(sample.path, size, channels=3)
+    if sample.mask_path is None:
+        return image, np.zeros((size, size), dtype=np.uint8)
+    return image, image_io.read_mask(sample.mask_path, size, original)
+
+
+def build_category_cache(root: Path, category: str, size: int, cache_root: Path) -> Path:
+    """Validate one category and return its (possibly freshly built) cache entry.
+
+    The entry holds images.npy [N, size, size, 3] uint8, masks.npy [N, size, size] uint8 and index.json
+    with one record per row (path, split, defect, label), train/good rows first.
+    """
+    samples = scan_category(root, category)
+    files = [s.path for s in samples] + [s.mask_path for s in samples if s.mask_path is not None]
+    config = {"category": category, "image_size": size, "resize": "pil-bilinear+nearest"}
+    key = cache_key("mvtec", root, config, files)
+
+    def build(tmp: Path) -> None:
+        images = NpyStreamWriter(tmp / "images.npy", (size, size, 3), np.uint8)
+        masks = NpyStreamWriter(tmp / "masks.npy", (size, size), np.uint8)
+        for image, mask in image_io.parallel_map(lambda s: decode_sample(s, size), samples, decode_workers()):
+            images.append(image[None])
+            masks.append(mask[None])
+        images.close()
+        masks.close()
+        records = [
+            {"path": str(s.path), "split": s.split, "defect": s.defect, "label": s.label} for s in samples
+        ]
+        write_json(tmp / "index.json", {"category": category, "image_size": size, "items": records})
+
+    return build_entry(cache_root, key, build)
+
+
+class MVTecDataModule(AnomalyDataModule):
+    """MVTec AD, one or several categories (the paper trains ONE model on all and evaluates each).
+
+    Validation is a seeded, per-category fraction of train/good (never test); a category's split depends only
+    on (seed, category name), so it is the same whether the category is trained alone or with others.
+
+    Args:
+        root: MVTec AD root (the directory holding the category folders).
+        category: a category name, a list of names, or "all" (every directory under root with train/good).
+        image_size: see `AnomalyDataModule`; the other arguments are documented there too.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        category: str | list[str] = "all",
+        image_size: int = 128,
+        batch_size: int = 16,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        train_transforms: list[dict] | None = None,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__(
+            root=root,
+            image_size=image_size,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            val_fraction=val_fraction,
+            seed=seed,
+            train_transforms=train_transforms,
+            cache_dir=cache_dir,
+        )
+        self.category = category
+        self._categories: list[str] | None = None
+
+    @property
+    def num_channels(self) -> int:
+        return 3
+
+    @property
+    def test_categories(self) -> list[str]:
+        if self._categories is None:
+            self._categories = resolve_categories(self.root, self.category)
+        return list(self._categories)
+
+    def _build_cache(self) -> list[Path]:
+        # Scan every category before decoding any, so a layout error surfaces at once.
+        categories = self.test_categories
+        for name in categories:
+            scan_category(self.root, name)
+        return [
+            build_category_cache(self.root, name, self.image_size, self.cache_root) for name in categories
+        ]
+
+    def _make_splits(self, entries: list[Path]) -> Mapping[str, list[Item]]:
+        splits: dict[str, list[Item]] = {"train": [], "val": [], "test": []}
+        for entry_id, entry in enumerate(entries):
+            index = read_index(entry)
+            category = index["category"]
+            records = index["items"]
+            train_rows = np.array([i for i, r in enumerate(records) if r["split"] == "train"], dtype=np.int64)
+            # Seeded by (seed, category) only: stable whatever else is selected.
+            rng = np.random.default_rng([self.seed, zlib.crc32(category.encode())])
+            perm = rng.permutation(train_rows)
+            n_val = n_holdout(len(train_rows), self.val_fraction)
+            val_rows = np.sort(perm[:n_val])
+            fit_rows = np.sort(perm[n_val:])
+            test_rows = [i for i, r in enumerate(records) if r["split"] == "test"]
+            for split, rows in (("train", fit_rows), ("val", val_rows), ("test", test_rows)):
+                splits[split].extend(
+                    Item(entry_id, int(i), records[i]["label"], category, records[i]["path"]) for i in rows
+                )
+        return splits

@@ -1,0 +1,3 @@
+from lsgs.cli import main
+
+main()

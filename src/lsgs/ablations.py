@@ -1,0 +1,100 @@
+"""``lsgs ablate codebook|attention``: the paper's Table 3 and Table 4 on one experiment config.
+
+The main experiment runs in its run folder; each other variant runs in ``<run_dir>/ablations/<table>-<variant>``
+and reuses every finished stage of the main run whose config is identical (same hash), so the variants share
+the stages they have in common (e.g. all attention variants use the same fine-tuned VQ-VAE).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from jsonargparse import Namespace
+
+from lsgs.errors import ConfigError
+from lsgs.io import atomic_write_text
+from lsgs.pipeline import build_parser, plan_experiment, run_experiment
+from lsgs.reporting import comparison_tables
+
+TABLES = ("codebook", "attention")
+
+
+def _variants(table: str) -> list[tuple[str, dict[str, Any], bool]]:
+    """``(variant name, config changes, is_main)``; the main variant is the method as configured."""
+    if table == "codebook":
+        return [("aggregated", {"aggregate": True}, True), ("learned", {"aggregate": False}, False)]
+    return [
+        ("global", {"transformer.model.init_args.attention": "global"}, True),
+        ("causal", {"transformer.model.init_args.attention": "causal"}, False),
+        ("w/o", {"transformer.model.init_args.attention": "none"}, False),
+    ]
+
+
+def _apply(config: Namespace, changes: dict[str, Any]) -> Namespace:
+    config = copy.deepcopy(config)
+    for key, value in changes.items():
+        if key.startswith("transformer.model") and config.transformer.model is None:
+            raise ConfigError("the attention ablation needs a transformer.model in the experiment config")
+        config[key] = value
+    return config
+
+
+def run_ablation(table: str, config: Namespace) -> tuple[str, str]:
+    """Run every variant of ``table`` and return the ``(markdown, csv)`` comparison."""
+    if table not in TABLES:
+        raise ConfigError(f"unknown ablation {table!r}; choose one of {TABLES}")
+    main_dir = Path(config.run_dir or Path("runs") / config.name)
+    named_results: list[tuple[str, dict[str, Any]]] = []
+    extra: dict[str, dict[str, Any]] = {}
+    for name, changes, is_main in _variants(table):
+        variant = _apply(config, changes)
+        variant.run_dir = str(
+            main_dir if is_main else main_dir / "ablations" / f"{table}-{name.replace('/', '')}"
+        )
+        print(f"[lsgs] ablation {table}: variant '{name}' in {variant.run_dir}", flush=True)
+        experiment = plan_experiment(variant, reuse_dirs=[] if is_main else [main_dir])
+        results = run_experiment(experiment)
+        if results is None:
+            raise RuntimeError(f"variant '{name}' finished without results")
+        named_results.append((name, results))
+        if table == "codebook":
+            stage = experiment.plans["finetune" if variant.aggregate else "vqvae"]
+            report = json.loads((stage.folder / "done.json").read_text())["metrics"]
+            extra[name] = {
+                "effective size": report.get("effective_size"),
+                "codebook size": report.get("codebook_size"),
+                "rec. loss (val L1)": report.get("val_l1"),
+            }
+    # Paper order: learned before aggregated; w/o, causal, global.
+    named_results.reverse()
+    markdown, table_csv = comparison_tables(named_results, extra=extra)
+    out = main_dir / "ablations"
+    atomic_write_text(out / f"{table}.md", markdown)
+    atomic_write_text(out / f"{table}.csv", table_csv)
+    return markdown, table_csv
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: lsgs ablate {codebook,attention} --config EXPERIMENT.yaml [overrides]\n\n" + __doc__)
+        build_parser().print_help()
+        return
+    table, rest = argv[0], argv[1:]
+    if table not in TABLES:
+        raise ConfigError(f"unknown ablation {table!r}; choose one of {TABLES}")
+    config = build_parser().parse_args(rest)
+    markdown, _ = run_ablation(table, config)
+    from lsgs.report import write_summary
+
+    write_summary(Path(config.run_dir or Path("runs") / config.name).resolve())
+    print()
+    print(markdown)
+    print(
+        f"ablation table: {Path(config.run_dir or Path('runs') / config.name) / 'ablations' / (table + '.md')}"
+    )

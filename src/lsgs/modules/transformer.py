@@ -1,0 +1,213 @@
+"""Stage 4: the global-sensitive transformer (paper §2.2), trained on the code maps of a frozen VQ-VAE."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from typing_extensions import override
+
+from lsgs.checkpoints import TRANSFORMER_KIND, checkpoint_metadata, load_checkpoint, state_fingerprint
+from lsgs.errors import ConfigError, TrainingDivergedError
+from lsgs.modules.vqvae import VQVAE
+from lsgs.nn.transformer import CodeTransformer, CodeTransformerConfig, tamper_codes, tampering_loss
+
+ATTENTION_CHOICES = ("global", "causal", "none")
+
+
+class GlobalTransformer(LightningModule):
+    """A transformer over the ``h*w`` codes of an image; vocabulary and length come from the VQ-VAE checkpoint.
+
+    ``attention="global"`` (the method): full attention; a ``tamper_ratio`` of the positions of each code map is
+    replaced by random codes and the model learns to predict the originals with the loss
+    ``(1 - beta)·CE(tampered) + beta·CE(untampered)`` (paper Eq. 6). ``attention="causal"`` (the prior work's
+    autoregressive model, Table 4's "vanilla transformer"): raster-order next-code prediction from a start token,
+    plain cross-entropy. ``attention="none"`` means no transformer at all: the pipeline skips this stage and the
+    scoring falls back to VQ-VAE reconstruction error.
+
+    Args:
+        vqvae_checkpoint: the (fine-tuned) VQ-VAE whose codes the transformer models; frozen, not saved again.
+        attention: ``global`` or ``causal``.
+        d_model, n_layers, n_heads, mlp_ratio, dropout: transformer size (paper: 768, 12, 12, 4, -).
+        tamper_ratio: fraction of positions replaced by random codes (paper: 0.1); global only.
+        beta: weight of the untampered positions in the loss (paper: 0.01); global only.
+        lr: peak AdamW learning rate, reached after ``warmup_steps`` and decayed by cosine to ``lr/10``.
+        weight_decay: AdamW weight decay on weight matrices (not on biases, norms, embeddings).
+        warmup_steps: linear warm-up steps.
+        seed: seed of the tampering; each image's tampering is drawn from (seed, epoch, dataset index), so it
+            does not depend on batching or on how the data is sharded over DDP ranks.
+    """
+
+    def __init__(
+        self,
+        vqvae_checkpoint: str | None = None,
+        attention: str = "global",
+        d_model: int = 128,
+        n_layers: int = 2,
+        n_heads: int = 4,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.1,
+        tamper_ratio: float = 0.1,
+        beta: float = 0.01,
+        lr: float = 3e-4,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 100,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if vqvae_checkpoint is None:
+            raise ConfigError("model.vqvae_checkpoint is required (the pipeline fills it in)")
+        if attention not in ATTENTION_CHOICES:
+            raise ConfigError(f"model.attention={attention!r} is not one of {ATTENTION_CHOICES}")
+        if attention == "none":
+            raise ConfigError(
+                "model.attention='none' means no transformer: skip the transformer stage (the pipeline does this "
+                "by itself) and score with the VQ-VAE reconstruction error"
+            )
+        if not 0.0 < tamper_ratio < 1.0:
+            raise ConfigError(f"model.tamper_ratio must be in (0, 1), got {tamper_ratio}")
+        self.save_hyperparameters()
+        self.vqvae = VQVAE.from_checkpoint(vqvae_checkpoint, "model.vqvae_checkpoint")
+        self.vqvae.requires_grad_(False)
+        self.vqvae_fingerprint = state_fingerprint(self.vqvae.state_dict())
+        grid = self.vqvae.code_grid
+        self.config = CodeTransformerConfig(
+            vocab_size=self.vqvae.codebook_size,
+            seq_len=grid[0] * grid[1],
+            d_model=d_model,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            mlp_ratio=mlp_ratio,
+            dropout=dropout,
+            attention=attention,
+        )
+        self.net = CodeTransformer(self.config)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, C, H, W]`` images -> ``[B, L]`` codes in raster order."""
+        self.vqvae.eval()
+        return self.vqvae.net.encode_indices(images).flatten(1)
+
+    def _tamper(
+        self, codes: torch.Tensor, indices: torch.Tensor, epoch: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``tamper_codes`` with one generator per image, seeded by (seed, epoch, dataset index)."""
+        rows = []
+        for row, index in zip(codes, indices.tolist()):
+            seed = (self.hparams.seed * 2_654_435_761 + (epoch + 1) * 40_503 + int(index)) % (2**63)
+            generator = torch.Generator(device=codes.device).manual_seed(seed)
+            rows.append(tamper_codes(row[None], self.config.vocab_size, self.hparams.tamper_ratio, generator))
+        return torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
+
+    def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+        codes = self.encode(batch["image"])
+        batch_size = codes.shape[0]
+        if self.hparams.attention == "global":
+            # Validation tampering is the same every epoch (epoch -1), so its curves compare across epochs.
+            epoch = self.current_epoch if stage == "train" else -1
+            tampered, mask = self._tamper(codes, batch["index"], epoch)
+            logits = self.net(tampered)
+            loss = tampering_loss(logits, codes, mask, self.hparams.beta)
+            correct = logits.argmax(-1) == codes
+            metrics = {
+                "loss": loss,
+                "acc_tampered": correct[mask].float().mean(),
+                "acc_untampered": correct[~mask].float().mean(),
+            }
+        else:
+            logits = self.net(codes)
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), codes.reshape(-1))
+            metrics = {"loss": loss, "acc": (logits.argmax(-1) == codes).float().mean()}
+        if stage == "train" and not torch.isfinite(loss):
+            raise TrainingDivergedError(
+                f"transformer loss is not finite at epoch {self.current_epoch}, step {self.global_step}; "
+                f"lower model.lr (now {self.hparams.lr})"
+            )
+        for name, value in metrics.items():
+            self.log(
+                f"{stage}/{name}",
+                value,
+                batch_size=batch_size,
+                sync_dist=stage != "train",
+                prog_bar=name == "loss",
+            )
+        if stage == "val":
+            # NLL of the untouched code maps of normal images: what the scoring threshold is set from.
+            clean_logits = self.net(codes) if self.hparams.attention == "global" else logits
+            nll = F.cross_entropy(clean_logits.float().transpose(1, 2), codes, reduction="mean")
+            self.log("val/nll", nll, batch_size=batch_size, sync_dist=True)
+        return loss
+
+    @override
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    @override
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    @override
+    def on_train_epoch_start(self) -> None:
+        self.vqvae.eval()
+
+    @override
+    def configure_optimizers(self) -> dict[str, Any]:
+        decay, no_decay = [], []
+        for name, param in self.net.named_parameters():
+            (decay if param.dim() >= 2 and "embed" not in name else no_decay).append(param)
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": self.hparams.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=self.hparams.lr,
+            betas=(0.9, 0.95),
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = min(self.hparams.warmup_steps, total // 2)
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / max(1, warmup)
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The frozen VQ-VAE has its own checkpoint; storing it again would double every transformer checkpoint.
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("vqvae.")
+        }
+        checkpoint["lsgs"] = checkpoint_metadata(
+            TRANSFORMER_KIND,
+            config=dataclasses.asdict(self.config),
+            vqvae_fingerprint=self.vqvae_fingerprint,
+            vqvae_checkpoint=str(self.hparams.vqvae_checkpoint),
+        )
+        checkpoint["hyper_parameters"]["_class_path"] = f"{GlobalTransformer.__module__}.GlobalTransformer"
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        for key, value in self.vqvae.state_dict().items():
+            state.setdefault(f"vqvae.{key}", value)
+
+
+def load_code_transformer(
+    path: str, argument: str = "transformer_checkpoint"
+) -> tuple[CodeTransformer, dict]:
+    """The trained ``CodeTransformer`` (eval mode) and its ``lsgs`` metadata, without loading its VQ-VAE again."""
+    checkpoint = load_checkpoint(path, TRANSFORMER_KIND, argument)
+    meta = checkpoint["lsgs"]
+    net = CodeTransformer(CodeTransformerConfig(**meta["config"]))
+    state = {k[len("net.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
+    net.load_state_dict(state)
+    return net.eval(), meta

@@ -1,0 +1,278 @@
+"""Stage 1 and stage 3: the VQ-VAE LightningModule (training, logging, checkpoints) around ``VQVAENet``."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from typing_extensions import override
+
+from lsgs.checkpoints import VQVAE_KIND, checkpoint_metadata, load_checkpoint
+from lsgs.errors import CheckpointError, ConfigError, TrainingDivergedError
+from lsgs.metrics.codebook import CodebookUsage, usage_statistics
+from lsgs.nn.vqvae import VQVAEConfig, VQVAENet
+from lsgs.viz import image_grid, log_image
+
+# Architecture arguments: taken from `init_from` when they are left at None, and checked against it otherwise.
+ARCHITECTURE_KEYS = ("in_channels", "channels", "num_res_blocks", "res_channels", "codebook_size", "code_dim")
+_DEFAULTS = VQVAEConfig()
+
+
+class VQVAE(LightningModule):
+    """VQ-VAE trained with L1 reconstruction + ||sg[z_e] - e||² + β·||sg[e] - z_e||² (paper Eq. 2-4).
+
+    Stage 3 (fine-tuning after codebook aggregation) is this same module with ``init_from`` pointing at the
+    aggregator's checkpoint: weights and the k-means codebook are loaded, the optimiser starts fresh.
+
+    Args:
+        in_channels: image channels (3 for MVTec, 1 for BraTS). None: from ``init_from``, else 3.
+        input_size: side of the square images the model is trained on; recorded so the transformer can derive
+            its sequence length. None: from ``init_from``, else the data module's ``image_size`` at fit time.
+        channels: widths of the stride-2 stages (their number sets the downsampling factor 2**len).
+        num_res_blocks: residual blocks at the lowest resolution, in encoder and decoder.
+        res_channels: hidden width of the residual blocks.
+        codebook_size: K, the number of codes.
+        code_dim: D, the dimension of a code.
+        beta: weight of the commitment term (paper: 1).
+        lr: Adam learning rate.
+        weight_decay: Adam weight decay.
+        init_from: a VQ-VAE checkpoint (e.g. the aggregator's output) to start from.
+        freeze_codebook: keep the codebook fixed (only encoder/decoder train); off by default as in the paper.
+        num_logged_images: images in the input/reconstruction grid logged every validation epoch.
+    """
+
+    def __init__(
+        self,
+        in_channels: int | None = None,
+        input_size: int | None = None,
+        channels: tuple[int, ...] | None = None,
+        num_res_blocks: int | None = None,
+        res_channels: int | None = None,
+        codebook_size: int | None = None,
+        code_dim: int | None = None,
+        beta: float = 1.0,
+        lr: float = 2e-4,
+        weight_decay: float = 0.0,
+        init_from: str | None = None,
+        freeze_codebook: bool = False,
+        num_logged_images: int = 8,
+    ) -> None:
+        super().__init__()
+        requested = {
+            "in_channels": in_channels,
+            "channels": tuple(channels) if channels is not None else None,
+            "num_res_blocks": num_res_blocks,
+            "res_channels": res_channels,
+            "codebook_size": codebook_size,
+            "code_dim": code_dim,
+        }
+        init_state = None
+        if init_from is not None:
+            checkpoint = load_checkpoint(init_from, VQVAE_KIND, "model.init_from")
+            source = checkpoint["hyper_parameters"]
+            conflicts = [
+                f"{key}={value!r} (checkpoint has {source[key]!r})"
+                for key, value in requested.items()
+                if value is not None and _normalise(value) != _normalise(source[key])
+            ]
+            if conflicts:
+                raise CheckpointError(
+                    f"model.init_from '{init_from}' does not match the configured architecture: "
+                    + ", ".join(conflicts)
+                    + "; leave these unset to take them from the checkpoint"
+                )
+            requested = {key: _normalise(source[key]) for key in ARCHITECTURE_KEYS}
+            input_size = input_size if input_size is not None else source.get("input_size")
+            init_state = {
+                k[len("net.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")
+            }
+        resolved = {
+            key: getattr(_DEFAULTS, key) if value is None else value for key, value in requested.items()
+        }
+        # Recording the resolved values (not the Nones) makes every checkpoint self-describing.
+        self.save_hyperparameters(
+            {
+                **resolved,
+                "input_size": input_size,
+                "beta": beta,
+                "lr": lr,
+                "weight_decay": weight_decay,
+                "init_from": init_from,
+                "freeze_codebook": freeze_codebook,
+                "num_logged_images": num_logged_images,
+            }
+        )
+        self.net = VQVAENet(VQVAEConfig(**resolved, beta=beta))
+        if init_state is not None:
+            self.net.load_state_dict(init_state)
+        if freeze_codebook:
+            self.net.quantizer.codebook.requires_grad_(False)
+        self.train_usage = CodebookUsage(resolved["codebook_size"])
+        self.val_usage = CodebookUsage(resolved["codebook_size"])
+        self._image_batch: torch.Tensor | None = None
+
+    @classmethod
+    def from_checkpoint(cls, path: str, argument: str = "vqvae_checkpoint") -> VQVAE:
+        """Load a trained VQ-VAE for use by a later stage (eval mode), with checks that name ``argument``."""
+        checkpoint = load_checkpoint(path, VQVAE_KIND, argument)
+        hparams = {
+            k: v
+            for k, v in checkpoint["hyper_parameters"].items()
+            if k != "init_from" and not k.startswith("_")
+        }
+        module = cls(**hparams)
+        module.load_state_dict(checkpoint["state_dict"], strict=True)
+        return module.eval()
+
+    @property
+    def codebook_size(self) -> int:
+        return self.hparams.codebook_size
+
+    @property
+    def code_grid(self) -> tuple[int, int]:
+        """``(h, w)`` of the code map for this model's image size."""
+        if self.hparams.input_size is None:
+            raise ConfigError("this VQ-VAE has no input_size recorded; it was never fitted")
+        side = self.hparams.input_size // self.net.config.downsample_factor
+        return side, side
+
+    @override
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None:
+            return
+        channels, size = getattr(datamodule, "num_channels", None), getattr(datamodule, "image_size", None)
+        if channels is not None and channels != self.hparams.in_channels:
+            raise ConfigError(
+                f"model.in_channels={self.hparams.in_channels} but {type(datamodule).__name__} yields "
+                f"{channels}-channel images"
+            )
+        if size is not None:
+            if self.hparams.input_size is None:
+                self.hparams.input_size = size
+            elif size != self.hparams.input_size:
+                raise ConfigError(
+                    f"data.image_size={size} but this VQ-VAE was set up for input_size={self.hparams.input_size}"
+                )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, C, H, W]`` -> reconstruction ``[B, C, H, W]``."""
+        return self.net(images).reconstruction
+
+    def _losses(self, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], Any]:
+        out = self.net(images)
+        l1 = F.l1_loss(out.reconstruction.float(), images.float())
+        vq = out.codebook_loss + self.hparams.beta * out.commitment_loss
+        losses = {
+            "loss": l1 + vq,
+            "l1": l1,
+            "codebook_loss": out.codebook_loss,
+            "commitment_loss": out.commitment_loss,
+        }
+        return losses, out
+
+    @override
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        losses, out = self._losses(batch["image"])
+        if not torch.isfinite(losses["loss"]):
+            details = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+            raise TrainingDivergedError(
+                f"VQ-VAE loss is not finite at epoch {self.current_epoch}, step {self.global_step} ({details}); "
+                f"lower model.lr (now {self.hparams.lr}) or check the input data"
+            )
+        self.train_usage.update(out.indices)
+        batch_size = batch["image"].shape[0]
+        for name, value in losses.items():
+            self.log(f"train/{name}", value, prog_bar=name == "l1", batch_size=batch_size)
+        return losses["loss"]
+
+    @override
+    def on_train_epoch_end(self) -> None:
+        stats = self.train_usage.compute()
+        self.log_dict({f"train/{k}": v for k, v in stats.items()}, sync_dist=False)
+        self.train_usage.reset()
+
+    @override
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        losses, out = self._losses(batch["image"])
+        self.val_usage.update(out.indices)
+        self.log_dict(
+            {f"val/{k}": v for k, v in losses.items()}, sync_dist=True, batch_size=batch["image"].shape[0]
+        )
+        if batch_idx == 0 and self._image_batch is None:
+            count = self.hparams.num_logged_images
+            self._image_batch = torch.stack(
+                [batch["image"][:count].detach().float(), out.reconstruction[:count].detach().float()]
+            ).cpu()
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        stats = self.val_usage.compute()
+        self.log_dict({f"val/{k}": v for k, v in stats.items()}, sync_dist=False)
+        self.val_usage.reset()
+        if (
+            self._image_batch is not None
+            and self.trainer.is_global_zero
+            and self.hparams.num_logged_images > 0
+        ):
+            grid = image_grid(list(self._image_batch))
+            log_image(
+                self.loggers, "val/reconstructions", grid, self.global_step, "top: input, bottom: output"
+            )
+        self._image_batch = None
+
+    @override
+    def on_fit_end(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "train_eval_dataloader"):
+            self.codebook_report = self.compute_codebook_report(datamodule)
+
+    @torch.no_grad()
+    def compute_codebook_report(self, datamodule: Any) -> dict[str, float]:
+        """Effective codebook size over the whole training set and L1 on the validation normals (Table 3).
+
+        Runs on every rank over its shard (the data module shards evaluation loaders); sums are all-reduced.
+        """
+        was_training = self.training
+        self.eval()
+        counts = torch.zeros(self.codebook_size, dtype=torch.int64, device=self.device)
+        for batch in datamodule.train_eval_dataloader():
+            indices = self.net.encode_indices(batch["image"].to(self.device))
+            counts += torch.bincount(indices.reshape(-1), minlength=self.codebook_size)
+        l1 = torch.zeros(2, dtype=torch.float64, device=self.device)  # sum of |x - x_hat|, element count
+        for batch in datamodule.val_dataloader():
+            images = batch["image"].to(self.device)
+            l1[0] += (self.net(images).reconstruction.float() - images).abs().sum().double()
+            l1[1] += images.numel()
+        counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        l1 = self.trainer.strategy.reduce(l1, reduce_op="sum")
+        self.train(was_training)
+        usage = usage_statistics(counts)
+        return {
+            "codebook_size": self.codebook_size,
+            "effective_size": int(usage["codes_used"]),
+            "train_perplexity": usage["perplexity"],
+            "val_l1": float(l1[0] / l1[1]) if l1[1] > 0 else float("nan"),
+        }
+
+    def stage_summary(self) -> dict[str, Any]:
+        """What the pipeline records about this stage in ``done.json``."""
+        return dict(getattr(self, "codebook_report", {}))
+
+    @override
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.parameters() if p.requires_grad]
+        return torch.optim.Adam(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["lsgs"] = checkpoint_metadata(VQVAE_KIND, config=dataclasses.asdict(self.net.config))
+        # LightningCLI (`lsgs validate --ckpt_path ...`) rebuilds the model from this in subclass mode.
+        checkpoint["hyper_parameters"]["_class_path"] = f"{VQVAE.__module__}.{VQVAE.__qualname__}"
+
+
+def _normalise(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value

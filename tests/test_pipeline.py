@@ -1,0 +1,285 @@
+"""End to end: the experiment runner on tiny configs (skip, invalidate, kill + resume, 2-process DDP, ablations,
+single-stage CLI, detect, errors)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lsgs.pipeline import main as pipeline_main
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ("vqvae", "aggregator", "finetune", "transformer", "scoring")
+# A CPU-seconds version of the demo experiment: the real demo config with every size shrunk by overrides
+# (which also exercises the override syntax). Dropout 0: dropout masks come from each process's own RNG, so
+# they are the one thing a 2-process run cannot reproduce from a 1-process run.
+TINY = [
+    "--config", str(REPO / "experiments" / "demo_mvtec.yaml"),
+    "--logger=csv",
+    "--data.image_size=32", "--data.batch_size=8", "--data.eval_batch_size=8",
+    "--vqvae.model.channels=[8,16]", "--vqvae.model.res_channels=8", "--vqvae.model.num_res_blocks=1",
+    "--vqvae.model.codebook_size=32", "--vqvae.model.code_dim=8", "--vqvae.trainer.max_epochs=2",
+    "--finetune.trainer.max_epochs=1",
+    "--transformer.model.d_model=32", "--transformer.model.n_layers=1", "--transformer.model.n_heads=2",
+    "--transformer.model.dropout=0.0", "--transformer.trainer.max_epochs=2",
+    "--scoring.model.num_restorations=3", "--scoring.model.metric_bits=16",
+    "--run_baselines=false",
+]  # fmt: skip
+
+
+def tiny_args(root: Path, cache: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [*TINY, f"--data.root={root}", f"--data.cache_dir={cache}", f"--run_dir={run_dir}", *extra]
+
+
+def run_cli(
+    args: list[str], *, launcher: list[str] | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    command = [*(launcher or [sys.executable, "-m"]), "lsgs", *args]
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def metrics_of(run_dir: Path) -> dict:
+    results = json.loads((run_dir / "results.json").read_text())
+    return {
+        "per_category": results["per_category"],
+        "pooled": results["pooled"],
+        "calibration": results["calibration"],
+    }
+
+
+def assert_close(a: object, b: object, tol: float, path: str = "") -> None:
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for key in a:
+            assert_close(a[key], b[key], tol, f"{path}/{key}")
+    elif isinstance(a, float) and math.isnan(a):
+        assert isinstance(b, float) and math.isnan(b), path
+    elif isinstance(a, float):
+        assert abs(a - b) <= tol, f"{path}: {a} vs {b}"
+    else:
+        assert a == b, path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, demo_mvtec_root: Path, data_cache_dir: Path) -> Path:
+    """A finished tiny pipeline run (in-process), the reference for the other tests. Read-only."""
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    pipeline_main(tiny_args(demo_mvtec_root, data_cache_dir, run_dir))
+    return run_dir
+
+
+def copy_run(run_dir: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "run"
+    shutil.copytree(run_dir, target)
+    return target
+
+
+def done_mtimes(run_dir: Path) -> dict[str, int]:
+    return {s: (run_dir / s / "done.json").stat().st_mtime_ns for s in STAGES}
+
+
+def test_pipeline_writes_every_stage_and_the_results(tiny_run: Path) -> None:
+    for stage, output in zip(
+        STAGES, ("vqvae.ckpt", "aggregated.ckpt", "vqvae_ft.ckpt", "transformer.ckpt", "results.json")
+    ):
+        done = json.loads((tiny_run / stage / "done.json").read_text())
+        assert done["stage"] == stage and done["output"] == output
+        assert (tiny_run / stage / output).is_file()
+        assert (tiny_run / stage / "config.yaml").is_file()
+    for name in ("results.json", "results.csv", "results.md", "experiment.yaml", "summary.md", "report.html"):
+        assert (tiny_run / name).is_file(), name
+    results = json.loads((tiny_run / "results.json").read_text())
+    assert set(results["per_category"]) == {"fabric", "nut", "mesh"}
+    assert 0.0 <= results["pooled"]["pixel_auroc"] <= 1.0
+    assert list((tiny_run / "scoring" / "heatmaps").glob("*.png"))
+    assert (tiny_run / "scoring" / "curves" / "roc.png").is_file()
+    aggregation = json.loads((tiny_run / "aggregator" / "aggregation.json").read_text())
+    assert aggregation["train_vectors"] == 42 * 8 * 8  # the whole training split (42 images), 8x8 codes each
+    assert aggregation["effective_size_after"] >= aggregation["effective_size_before"]
+
+
+def test_rerun_skips_finished_stages(
+    tiny_run: Path, tmp_path: Path, demo_mvtec_root: Path, data_cache_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run_dir = copy_run(tiny_run, tmp_path)
+    before = done_mtimes(run_dir)
+    pipeline_main(tiny_args(demo_mvtec_root, data_cache_dir, run_dir))
+    out = capsys.readouterr().out
+    assert all(f"[lsgs] {stage}: finished earlier" in out for stage in STAGES), out
+    assert done_mtimes(run_dir) == before
+
+
+def test_changed_config_reruns_that_stage_and_the_later_ones(
+    tiny_run: Path, tmp_path: Path, demo_mvtec_root: Path, data_cache_dir: Path
+) -> None:
+    run_dir = copy_run(tiny_run, tmp_path)
+    before = done_mtimes(run_dir)
+    pipeline_main(tiny_args(demo_mvtec_root, data_cache_dir, run_dir, "--transformer.model.d_model=16"))
+    after = done_mtimes(run_dir)
+    assert [after[s] == before[s] for s in STAGES] == [True, True, True, False, False]
+    # Presentation settings (progress bar, logger) do not invalidate anything.
+    pipeline_main(
+        tiny_args(
+            demo_mvtec_root,
+            data_cache_dir,
+            run_dir,
+            "--transformer.model.d_model=16",
+            "--trainer.enable_progress_bar=false",
+            "--logger=tensorboard",
+        )
+    )
+    assert done_mtimes(run_dir) == after
+
+
+def test_killed_run_resumes_and_equals_the_uninterrupted_run(
+    tiny_run: Path, tmp_path: Path, demo_mvtec_root: Path, data_cache_dir: Path
+) -> None:
+    """SIGKILL in the middle of stage 1's second epoch, then in stage 4's second epoch; each re-run resumes from
+    the last epoch-end checkpoint (with its RNG state) and the final results equal the uninterrupted run's."""
+    run_dir = tmp_path / "killed"
+    args = tiny_args(demo_mvtec_root, data_cache_dir, run_dir)
+    first = run_cli(["pipeline", *args, "--fault_injection=vqvae:1:1"], check=False)
+    assert first.returncode == -signal.SIGKILL
+    assert (run_dir / "vqvae" / "checkpoints" / "last.ckpt").is_file()
+    assert not (run_dir / "vqvae" / "done.json").exists()
+    second = run_cli(["pipeline", *args, "--fault_injection=transformer:1:0"], check=False)
+    assert second.returncode == -signal.SIGKILL
+    assert "vqvae: resuming from" in second.stdout
+    assert (run_dir / "finetune" / "done.json").is_file() and not (
+        run_dir / "transformer" / "done.json"
+    ).exists()
+    third = run_cli(["pipeline", *args])
+    assert "transformer: resuming from" in third.stdout
+    assert_close(metrics_of(run_dir), metrics_of(tiny_run), tol=0.0)
+
+
+def test_two_process_ddp_run_equals_the_single_process_run(
+    tiny_run: Path, tmp_path: Path, demo_mvtec_root: Path, data_cache_dir: Path
+) -> None:
+    """torchrun with 2 CPU processes (gloo), half the per-process batch: same samples per optimiser step, so
+    the same models up to float summation order, and the same metrics to 1e-4."""
+    run_dir = tmp_path / "ddp"
+    args = tiny_args(
+        demo_mvtec_root,
+        data_cache_dir,
+        run_dir,
+        "--data.batch_size=4",
+        "--trainer.strategy=ddp",
+        "--trainer.devices=2",
+    )
+    run_cli(
+        ["pipeline", *args],
+        launcher=[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m"],
+    )
+    assert_close(metrics_of(run_dir), metrics_of(tiny_run), tol=1e-4)
+    # Only rank 0 wrote results, and nothing was written twice under another name.
+    assert sorted(p.name for p in (run_dir / "scoring").glob("results*")) == [
+        "results.csv",
+        "results.json",
+        "results.md",
+    ]
+
+
+def test_single_stage_cli_reruns_a_saved_stage_config(tiny_run: Path, tmp_path: Path) -> None:
+    proc = run_cli(
+        [
+            "validate",
+            "--config",
+            str(tiny_run / "vqvae" / "config.yaml"),
+            f"--ckpt_path={tiny_run / 'vqvae' / 'vqvae.ckpt'}",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.logger=false",
+        ]
+    )
+    assert "val/l1" in proc.stdout
+
+
+def test_help_on_every_command() -> None:
+    for command in (
+        ["--help"],
+        ["pipeline", "--help"],
+        ["ablate", "--help"],
+        ["detect", "--help"],
+        ["report", "--help"],
+        ["fit", "--help"],
+    ):
+        proc = run_cli(command)
+        assert "usage" in proc.stdout.lower() or "lsgs" in proc.stdout, command
+
+
+def test_bad_configs_fail_with_one_clear_line(
+    tmp_path: Path, demo_mvtec_root: Path, data_cache_dir: Path
+) -> None:
+    proc = run_cli(
+        [
+            "pipeline",
+            *tiny_args(demo_mvtec_root, data_cache_dir, tmp_path / "r"),
+            "--vqvae.model.codebok_size=4",
+        ],
+        check=False,
+    )
+    assert proc.returncode != 0 and "codebok_size" in proc.stderr
+    missing = tmp_path / "no-such-root"
+    proc = run_cli(["pipeline", *tiny_args(missing, data_cache_dir, tmp_path / "r2")], check=False)
+    assert proc.returncode == 2
+    error_lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and str(missing) in error_lines[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    proc = run_cli(
+        [
+            "pipeline",
+            *tiny_args(demo_mvtec_root, data_cache_dir, tmp_path / "r3"),
+            "--stages=[vqvae,nonsense]",
+        ],
+        check=False,
+    )
+    assert proc.returncode == 2 and "nonsense" in proc.stderr
+
+
+def test_ablations_write_their_tables(
+    tiny_run: Path, tmp_path: Path, demo_mvtec_root: Path, data_cache_dir: Path
+) -> None:
+    from lsgs.ablations import run_ablation
+    from lsgs.pipeline import build_parser
+
+    run_dir = copy_run(tiny_run, tmp_path)
+    config = build_parser().parse_args(tiny_args(demo_mvtec_root, data_cache_dir, run_dir))
+    _, table = run_ablation("codebook", config)
+    rows = table.strip().splitlines()
+    assert rows[0].startswith("method,") and [r.split(",")[0] for r in rows[1:]] == ["learned", "aggregated"]
+    assert "effective size" in rows[0] and (run_dir / "ablations" / "codebook.md").is_file()
+    learned = run_dir / "ablations" / "codebook-learned"
+    assert not (learned / "vqvae").exists(), "stage 1 must be reused from the main run, not retrained"
+    _, table = run_ablation("attention", config)
+    assert [r.split(",")[0] for r in table.strip().splitlines()[1:]] == ["w/o", "causal", "global"]
+    assert (
+        json.loads((run_dir / "ablations" / "attention-wo" / "scoring" / "results.json").read_text())[
+            "method"
+        ]
+        == "vqvae-reconstruction"
+    )
+
+
+def test_detect_writes_heatmaps_and_scores(tiny_run: Path, tmp_path: Path, demo_mvtec_root: Path) -> None:
+    from lsgs.detect import detect
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for source in sorted((demo_mvtec_root / "nut" / "test").glob("*/000.png"))[:3]:
+        shutil.copy(source, images / f"{source.parent.name}.png")
+    out = detect(tiny_run, images, tmp_path / "out", accelerator="cpu")
+    assert len(list(out.glob("*_heatmap.png"))) == 3
+    rows = (out / "scores.csv").read_text().strip().splitlines()
+    assert rows[0] == "path,score,anomalous" and len(rows) == 4
