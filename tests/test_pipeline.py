@@ -283,3 +283,29 @@ def test_detect_writes_heatmaps_and_scores(tiny_run: Path, tmp_path: Path, demo_
     assert len(list(out.glob("*_heatmap.png"))) == 3
     rows = (out / "scores.csv").read_text().strip().splitlines()
     assert rows[0] == "path,score,anomalous" and len(rows) == 4
+
+
+def test_wandb_offline_runs_grouped_per_stage_without_secrets(
+    tiny_run: Path, tmp_path: Path, demo_mvtec_root: Path, data_cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """W&B offline (no account): one run per stage in the run's group, in the stage folder; an API key in the
+    environment never reaches a file; WANDB_MODE=disabled turns W&B off (CSV logs stay)."""
+    secret = "0123456789abcdef-not-a-real-key"
+    monkeypatch.setenv("WANDB_API_KEY", secret)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run_dir = copy_run(tiny_run, tmp_path)
+    # A changed scoring setting re-runs only the scoring stage, now with W&B.
+    pipeline_main(tiny_args(demo_mvtec_root, data_cache_dir, run_dir, "--logger=wandb",
+                            "--scoring.model.heatmaps_per_category=1"))
+    runs = list((run_dir / "scoring" / "wandb").glob("offline-run-*"))
+    run_id = json.loads((run_dir / "run.json").read_text())["run_id"]
+    digest = json.loads((run_dir / "scoring" / "done.json").read_text())["hash"]
+    assert len(runs) == 1 and runs[0].name.endswith(f"demo-mvtec-{run_id}-scoring-{digest[:6]}"), runs
+    for path in run_dir.rglob("*"):
+        if path.is_file() and path.stat().st_size < 50_000_000:
+            assert secret.encode() not in path.read_bytes(), path
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    pipeline_main(tiny_args(demo_mvtec_root, data_cache_dir, run_dir, "--logger=wandb",
+                            "--scoring.model.heatmaps_per_category=3"))
+    assert not (run_dir / "scoring" / "wandb").exists()
+    assert (run_dir / "scoring" / "logs" / "metrics.csv").is_file()

@@ -18,7 +18,7 @@ from jsonargparse import Namespace
 
 from lsgs.errors import ConfigError
 from lsgs.io import atomic_write_text
-from lsgs.pipeline import build_parser, plan_experiment, run_experiment
+from lsgs.pipeline import build_parser, parse_experiment, plan_experiment, run_experiment
 from lsgs.reporting import comparison_tables
 
 TABLES = ("codebook", "attention")
@@ -88,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     table, rest = argv[0], argv[1:]
     if table not in TABLES:
         raise ConfigError(f"unknown ablation {table!r}; choose one of {TABLES}")
-    config = build_parser().parse_args(rest)
+    _, config = parse_experiment(rest)
     markdown, _ = run_ablation(table, config)
     from lsgs.report import write_summary
 

@@ -84,6 +84,7 @@ def build_parser() -> ArgumentParser:
             "overridden after --config, e.g. --vqvae.model.codebook_size=512 --trainer.max_epochs=50."
         ),
         default_env=False,
+        exit_on_error=False,
     )
     parser.add_argument("-c", "--config", action=ActionConfigFile, help="experiment YAML file")
     parser.add_argument("--name", type=str, default="lsgs", help="experiment name (run folder, W&B group)")
@@ -129,6 +130,61 @@ def build_parser() -> ArgumentParser:
         "--fault_injection", type=str | None, default=None, help="testing only: STAGE:EPOCH:BATCH"
     )
     return parser
+
+
+def parse_experiment(argv: Sequence[str]) -> tuple[ArgumentParser, Namespace]:
+    """Parse ``lsgs pipeline`` arguments; a bad key or value becomes one ``ConfigError`` line."""
+    from jsonargparse import ArgumentError
+
+    parser = build_parser()
+    try:
+        return parser, parser.parse_args(list(argv))
+    except ArgumentError as error:
+        raise ConfigError(condense_parser_error(str(error))) from None
+
+
+def condense_parser_error(text: str) -> str:
+    """jsonargparse's multi-line validation report -> the one line that says what is wrong."""
+    import inspect
+    import re
+
+    unknown = re.search(r"Option '([^']+)' is not accepted", text)
+    owner = re.search(r"Problem with given class_path '([^']+)'", text)
+    key = re.search(r'Parser key "([^"]+)"', text)
+    where = key.group(1) if key else "config"
+    if unknown and owner:
+        try:
+            cls = import_class(owner.group(1))
+            names = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "args", "kwargs")]
+            valid = f"; valid: {', '.join(names)}"
+        except Exception:  # the class itself may be the problem; the message is still useful without the list
+            valid = ""
+        return f"{where}: {owner.group(1)} has no argument '{unknown.group(1)}'{valid}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    useful = [
+        line for line in lines
+        if not line.startswith(("Subtypes:", "Errors:", "Given value", "- Expected a <class 'NoneType'>",
+                                "Does not validate against any of the Union subtypes"))
+    ]
+    return " ".join(useful) if useful else text
+
+
+def validate_stage_config(stage: str, config: dict[str, Any]) -> None:
+    """Check a stage's LightningCLI config (trainer keys, model and data arguments and their types) up front,
+    so a typo fails before any stage trains, not when its stage comes."""
+    from jsonargparse import ArgumentError
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.cli import LightningArgumentParser
+
+    parser = LightningArgumentParser(exit_on_error=False)
+    parser.add_lightning_class_args(Trainer, "trainer")
+    parser.add_lightning_class_args(LightningModule, "model", subclass_mode=True)
+    parser.add_lightning_class_args(LightningDataModule, "data", subclass_mode=True)
+    parser.add_argument("--seed_everything", type=bool | int, default=True)
+    try:
+        parser.parse_object(config)
+    except ArgumentError as error:
+        raise ConfigError(f"stage '{stage}': {condense_parser_error(str(error))}") from None
 
 
 @dataclass
@@ -212,6 +268,7 @@ def plan_experiment(config: Namespace, reuse_dirs: Sequence[str | Path] = ()) ->
             raise ConfigError(f"stage '{stage}' has no model: set {stage}.model in the experiment config")
         inputs = stage_inputs(stage, config.aggregate, experiment.attention)
         stage_config = _stage_config(config, stage)
+        validate_stage_config(stage, stage_config)
         upstream = {arg: experiment.plans[src].digest if src else None for arg, src in inputs.items()}
         digest = _stage_digest(stage, stage_config, upstream)
         folder = _find_stage_folder(experiment, stage, digest)
@@ -520,8 +577,7 @@ def _publish_results(experiment: Experiment, scoring: StagePlan) -> None:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     """``lsgs pipeline``: parse, plan, run, print the results table and the run folder."""
-    parser = build_parser()
-    config = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    parser, config = parse_experiment(sys.argv[1:] if argv is None else argv)
     experiment = plan_experiment(config)
     if _is_global_zero_env():
         experiment.run_dir.mkdir(parents=True, exist_ok=True)

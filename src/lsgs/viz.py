@@ -73,7 +73,8 @@ def log_image(
     for logger in loggers:
         name = type(logger).__name__
         if name == "WandbLogger":
-            logger.log_image(key=key, images=[image], step=step, caption=[caption] if caption else None)
+            extra = {"caption": [caption]} if caption else {}
+            logger.log_image(key=key, images=[image], step=step, **extra)
         elif name == "TensorBoardLogger":
             logger.experiment.add_image(key, image, global_step=step, dataformats="HWC")
 
