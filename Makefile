@@ -65,7 +65,10 @@ ablate-attention: $(STAMP) $(DEMO_DEP)
 	$(LSGS) ablate attention --config $(BRATS_CONFIG) $(RUN_DIR_ARG) $(ARGS)
 
 baselines: $(STAMP) $(DEMO_DEP)
-	$(LSGS) pipeline --config $(MVTEC_CONFIG) $(RUN_DIR_ARG) --stages=baselines $(ARGS)
+	$(LSGS) pipeline --config $(MVTEC_CONFIG) $(RUN_DIR_ARG) --stages=[baselines] $(ARGS)
+
+report: $(STAMP)
+	$(LSGS) report --run_dir $(if $(RUN_DIR),$(RUN_DIR),runs/$(if $(DATA_ROOT),mvtec,demo-mvtec))
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/data_loading.py

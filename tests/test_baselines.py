@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score
 from torch.utils.data import default_collate
@@ -179,22 +180,27 @@ def test_pixel_gaussian_matches_numpy(dataset: str, dms: dict) -> None:
     torch.testing.assert_close(pictures["reconstruction"][0], module.pixel_mean)
 
 
-@pytest.mark.parametrize("dataset", ["mvtec", "brats"])
-def test_intensity_matches_numpy(dataset: str, dms: dict) -> None:
+@pytest.mark.parametrize(("dataset", "signed"), [("mvtec", False), ("brats", False), ("brats", True)])
+def test_intensity_matches_numpy(dataset: str, signed: bool, dms: dict) -> None:
     dm = dms[dataset]
-    module = run(IntensityBaseline(in_channels=dm.num_channels, **QUIET), dm)
+    module = run(IntensityBaseline(signed=signed, in_channels=dm.num_channels, **QUIET), dm)
     mean, scale = intensity_reference(dm)
     np.testing.assert_allclose(module.channel_mean.numpy(), mean, atol=1e-6)
     assert float(module.scale) == pytest.approx(scale, rel=1e-5)
     test = whole_split(dm, "test")
     centred = test["image"].double().numpy() - mean[None, :, None, None]
-    # One channel: the signed z-score; RGB: the distance from the mean colour.
+    # One channel: the z-score (clipped at 0 unless signed); RGB: the distance from the mean colour.
     norm = centred if dataset == "brats" else np.sqrt((centred**2).sum(axis=1, keepdims=True))
     expected = norm / scale
+    if dataset == "brats" and not signed:
+        expected = np.maximum(expected, 0.0)
     raw, _ = module.raw_anomaly_map(test)
     np.testing.assert_allclose(raw.numpy(), expected, rtol=1e-5, atol=1e-5)
-    assert module.method_info()["statistic"] == ("signed z-score" if dataset == "brats"
-                                                 else "distance from the mean colour")
+    statistic = module.method_info()["statistic"]
+    if dataset == "brats":
+        assert statistic == ("z-score (signed)" if signed else "z-score clipped at 0 (hyperintensity)")
+    else:
+        assert statistic == "distance from the mean colour"
 
 
 def test_map_functions_match_formulas() -> None:
@@ -484,7 +490,7 @@ def test_vae_kl_term_and_deterministic_scoring(mvtec_dm: MVTecDataModule) -> Non
     batch = default_collate([mvtec_dm.dataset("test")[i] for i in range(4)])
     losses = module.train().compute_losses(batch["image"])
     assert set(losses) == {"loss", "l1", "kl"} and math.isfinite(losses["kl"].item()) and losses["kl"].item() > 0
-    assert float(losses["loss"]) == pytest.approx(float(losses["l1"] + 0.5 * losses["kl"]), rel=1e-6)
+    assert losses["loss"].item() == pytest.approx((losses["l1"] + 0.5 * losses["kl"]).item(), rel=1e-6)
     assert not torch.equal(module(batch["image"]), module(batch["image"]))  # training: sampled latent
     module.eval()
     module.fitted.fill_(True)
@@ -557,11 +563,13 @@ def test_checkpoint_round_trip_and_init_from(mvtec_dm: MVTecDataModule, tmp_path
     torch.testing.assert_close(loaded.pixel_std, module.pixel_std)
     (tmp_path / "moved.ckpt").rename(tmp_path / "pg.ckpt")
 
+    # The epoch checkpoint the pipeline writes during fit (ModelCheckpoint, after validation) is usable.
     ae = AutoencoderBaseline(**TINY, **QUIET)
     seed_everything(0)
-    fit_trainer = trainer(max_steps=2, limit_val_batches=0)
-    fit_trainer.fit(ae, datamodule=mvtec_dm)
-    fit_trainer.save_checkpoint(tmp_path / "ae.ckpt")
+    epoch_checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="ae", save_top_k=1, monitor=None)
+    Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, max_epochs=1,
+            limit_train_batches=2, limit_val_batches=1, callbacks=[epoch_checkpoint]).fit(ae, datamodule=mvtec_dm)
+    assert Path(epoch_checkpoint.best_model_path) == tmp_path / "ae.ckpt"
     batch = default_collate([mvtec_dm.dataset("test")[i] for i in range(3)])
     again = AutoencoderBaseline(**TINY, init_from=str(tmp_path / "ae.ckpt")).eval()
     torch.testing.assert_close(again.raw_anomaly_map(batch)[0], ae.eval().raw_anomaly_map(batch)[0])
@@ -603,6 +611,13 @@ def test_config_errors() -> None:
         AutoencoderBaseline(**{**TINY, "code_dim": 0})
     with pytest.raises(ConfigError, match="metric_region"):  # harness arguments pass through **kwargs
         PixelGaussianBaseline(metric_region="brain")
-    module = AutoencoderBaseline(variational=True, in_channels=1, **TINY, smoothing=False)
+    module = AutoencoderBaseline(variational=True, in_channels=1, **TINY, lr=2e-3, weight_decay=1e-4,
+                                 smoothing=False)
     assert module.num_image_channels == 1 and module.smoothing is False
+    # The pipeline fits before testing exactly the baselines that learn by gradient descent.
+    assert AutoencoderBaseline.requires_fit
+    assert not IntensityBaseline.requires_fit and not PixelGaussianBaseline.requires_fit
     assert module.hparams.smoothing is False and module.hparams.kl_weight == 0.01
+    group = module.configure_optimizers().param_groups[0]
+    assert (group["lr"], group["weight_decay"]) == (2e-3, 1e-4)
+    assert module.method_info() == {"variational": True, "channels": [8, 16], "code_dim": 8, "kl_weight": 0.01}

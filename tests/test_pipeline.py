@@ -272,6 +272,37 @@ def test_ablations_write_their_tables(
     )
 
 
+TINY_BASELINES = [
+    f"--baselines.{name}.{key}"
+    for name in ("ae", "vae")
+    for key in ("model.channels=[8,16]", "model.res_channels=8", "model.num_res_blocks=1", "model.code_dim=8",
+                "trainer.max_epochs=1")
+]
+
+
+def test_baselines_join_the_summary_and_the_report(
+    tiny_run: Path, tmp_path: Path, demo_mvtec_root: Path, data_cache_dir: Path
+) -> None:
+    run_dir = copy_run(tiny_run, tmp_path)
+    before = done_mtimes(run_dir)
+    pipeline_main(tiny_args(demo_mvtec_root, data_cache_dir, run_dir, "--run_baselines=true", *TINY_BASELINES,
+                            "--stages=[baselines]"))
+    assert done_mtimes(run_dir) == before  # the LSGS stages were not touched
+    scoring = json.loads((run_dir / "scoring" / "results.json").read_text())
+    for name in ("intensity", "pixel_gaussian", "ae", "vae"):
+        results = json.loads((run_dir / "baselines" / name / "results.json").read_text())
+        assert results["method"] == name
+        # Same harness settings and the same calibration protocol as LSGS.
+        assert results["metric_region"] == scoring["metric_region"]
+        assert sorted(p.name for p in (run_dir / "baselines" / name / "heatmaps").glob("*.png")) == sorted(
+            p.name for p in (run_dir / "scoring" / "heatmaps").glob("*.png"))
+    rows = (run_dir / "summary.csv").read_text().strip().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == [
+        "baseline: ae", "baseline: intensity", "baseline: pixel_gaussian", "baseline: vae", "LSGS"]
+    report = (run_dir / "report.html").read_text()
+    assert report.count("data:image/png;base64,") >= 2 + 6 * 5  # curves + 6 panels x 5 methods
+
+
 def test_detect_writes_heatmaps_and_scores(tiny_run: Path, tmp_path: Path, demo_mvtec_root: Path) -> None:
     from lsgs.detect import detect
 

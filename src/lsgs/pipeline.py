@@ -284,10 +284,26 @@ def _spec(stage: str, stage_config: dict[str, Any]) -> StageSpec:
     return StageSpec(stage, "fit_test" if trainable else "test", "results.json")
 
 
+def harness_arguments() -> tuple[str, ...]:
+    """Evaluation settings of ``AnomalyMapModule`` that every evaluated method must share."""
+    import inspect
+
+    from lsgs.modules.scoring import AnomalyMapModule
+
+    names = inspect.signature(AnomalyMapModule.__init__).parameters
+    return tuple(n for n in names if n not in ("self", "output_dir", "calibration"))
+
+
 def _stage_config(config: Namespace, stage: str) -> dict[str, Any]:
     """The LightningCLI config of ``stage`` before run-specific injections (inputs, folders, loggers)."""
     section = config[stage]
     model = _namespace_to_dict(section.model)
+    if stage.startswith("baselines.") and config.scoring.model is not None:
+        # Baselines are evaluated with exactly the scoring stage's harness settings (smoothing, quantiles,
+        # metric region, bins, heatmaps), so every row of the results table comes from the same protocol.
+        scoring_args = _namespace_to_dict(config.scoring.model).get("init_args", {})
+        shared = {k: scoring_args[k] for k in harness_arguments() if k in scoring_args}
+        model.setdefault("init_args", {}).update(shared)
     trainer = {**_namespace_to_dict(section.trainer or {}), **_namespace_to_dict(config.trainer or {})}
     return {
         "seed_everything": config.seed_everything,
