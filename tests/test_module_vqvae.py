@@ -52,7 +52,9 @@ def make_trainer(root: Path | None = None, **kwargs: Any) -> Trainer:
 
 
 def mvtec_datamodule(root: Path, cache: Path, cls: type = MVTecDataModule, **kwargs: Any) -> MVTecDataModule:
-    return cls(str(root), image_size=IMAGE_SIZE, batch_size=8, eval_batch_size=8, cache_dir=str(cache), **kwargs)
+    return cls(
+        str(root), image_size=IMAGE_SIZE, batch_size=8, eval_batch_size=8, cache_dir=str(cache), **kwargs
+    )
 
 
 def fit_vqvae(path: Path, datamodule: Any, max_epochs: int = 2, seed: int = 0, **kwargs: Any) -> VQVAE:
@@ -341,7 +343,9 @@ def test_logs_metrics_and_the_reconstruction_grid(
     assert np.array_equal(grid[2 : 2 + IMAGE_SIZE, 2 : 2 + IMAGE_SIZE], to_uint8_image(val[0]))
     bottom = 2 + IMAGE_SIZE + 2
     reconstruction = to_uint8_image(out.reconstruction[0])
-    assert np.abs(grid[bottom : bottom + IMAGE_SIZE, 2 : 2 + IMAGE_SIZE].astype(int) - reconstruction).max() <= 1
+    assert (
+        np.abs(grid[bottom : bottom + IMAGE_SIZE, 2 : 2 + IMAGE_SIZE].astype(int) - reconstruction).max() <= 1
+    )
 
     grids.clear()
     quiet = VQVAE(**TINY, num_logged_images=0)
@@ -394,4 +398,6 @@ def test_codebook_report_equals_a_brute_force_pass(
     assert report["effective_size"] == int((counts > 0).sum())
     p = counts[counts > 0].double().numpy() / float(counts.sum())
     assert report["train_perplexity"] == pytest.approx(float(np.exp(-(p * np.log(p)).sum())), rel=1e-9)
-    assert report["val_l1"] == pytest.approx(float(np.mean(l1)), rel=1e-5)  # equal-sized images: mean of means
+    assert report["val_l1"] == pytest.approx(
+        float(np.mean(l1)), rel=1e-5
+    )  # equal-sized images: mean of means

@@ -60,8 +60,10 @@ def state_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
     """A short content hash of a state dict, used to tie a transformer to the exact VQ-VAE it was trained on."""
     digest = hashlib.sha1()
     for key in sorted(state_dict):
-        tensor = state_dict[key].detach().cpu().contiguous()
+        tensor = state_dict[key].detach().cpu()
         digest.update(key.encode())
         digest.update(str(tuple(tensor.shape)).encode())
+        # clone() in contiguous_format: channels_last weights hash like their NCHW copies.
+        tensor = tensor.clone(memory_format=torch.contiguous_format).reshape(-1)
         digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()[:16]

@@ -172,11 +172,9 @@ class AnomalyMetrics(Metric):
         single = len(set(categories)) == 1
         for category in dict.fromkeys(categories):  # unique, in order of appearance
             i = self._index[category]
-            if single:  # the usual case: no copy
-                part = slice(None)
-            else:
-                # A CPU index works for tensors on any device (a CUDA index would not for CPU labels).
-                part = torch.tensor([j for j, c in enumerate(categories) if c == category])
+            # One category in the batch (the usual case) needs no copy; otherwise a CPU index, which works for
+            # tensors on any device (a CUDA index would not for CPU labels).
+            part = slice(None) if single else torch.tensor([j for j, c in enumerate(categories) if c == category])
             part_valid = None if valid is None else valid[part]
             self.pixel[i].update(maps[part], masks[part], part_valid)
             self.image[i].update(image_scores[part], labels[part])

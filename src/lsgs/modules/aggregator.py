@@ -16,6 +16,7 @@ k-means, and write a VQ-VAE checkpoint whose codebook holds the cluster centres.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,9 @@ from lsgs.kmeans import kmeans
 from lsgs.metrics.codebook import usage_statistics
 from lsgs.modules.vqvae import VQVAE
 from lsgs.nn.quantizer import nearest_codes
+
+# The aggregator's predict_step returns nothing on purpose (it accumulates encodings); Lightning warns otherwise.
+warnings.filterwarnings("ignore", message="predict returned None")
 
 AGGREGATED_CHECKPOINT = "aggregated.ckpt"
 AGGREGATION_REPORT = "aggregation.json"
@@ -86,7 +90,7 @@ class CodebookAggregator(LightningModule):
         self._reset_buffers()
 
     def _reset_buffers(self) -> None:
-        self._vectors: list[torch.Tensor] = []  # this rank's encodings, [n_i, D] each, CPU fp32
+        self._vectors: list[torch.Tensor] = []  # this rank's encodings, [B*h*w, D] per batch, CPU fp32
         self._sample_indices: list[torch.Tensor] = []
         self._samples: list[torch.Tensor] = []
 
@@ -114,9 +118,11 @@ class CodebookAggregator(LightningModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         z_e = self.vqvae.net.encode(batch["image"]).float()  # [B, D, h, w]
         vectors = z_e.permute(0, 2, 3, 1).reshape(z_e.shape[0], -1, z_e.shape[1])  # [B, h*w, D]
+        # Kept per batch, not per image: the re-assignment then multiplies [B*h*w, D] blocks by the codebooks,
+        # not [h*w, D] ones (2 CPU cores, K = 1024, D = 512: 179 vs 134 GFLOP/s for 8192 vs 256 rows).
+        self._vectors.append(vectors.reshape(-1, vectors.shape[-1]).cpu())
         for sample_vectors, index in zip(vectors, batch["index"]):
             index = int(index)
-            self._vectors.append(sample_vectors.cpu())
             keep = self._subsample_mask(index, sample_vectors.shape[0])
             self._sample_indices.append(torch.full((int(keep.sum()),), index, dtype=torch.int64))
             self._samples.append(sample_vectors[keep.to(sample_vectors.device)].cpu())

@@ -157,6 +157,15 @@ class AnomalyMapModule(LightningModule, abc.ABC):
                 self._pixel_quantile = ScoreQuantile(num_bits=self.metric_bits).to(self.device)
                 self._image_quantile = ScoreQuantile(num_bits=self.metric_bits).to(self.device)
             loader = datamodule.val_dataloader() if split == "val" else datamodule.train_eval_dataloader()
+            dataset = getattr(loader, "dataset", None)
+            if hasattr(dataset, "__len__") and len(dataset) == 0:
+                # Otherwise the thresholds come out NaN and fail later with a message that hides the cause.
+                fraction = getattr(datamodule, "val_fraction", "?")
+                hint = f" (data.val_fraction={fraction})" if split == "val" else ""
+                raise ConfigError(
+                    f"calibration phase {phase!r} needs images, but {type(datamodule).__name__}'s {split} split "
+                    f"is empty{hint}; scoring sets its thresholds on normal images held back from training"
+                )
             for batch in _progress(loader, f"calibration ({phase})", self.trainer.is_global_zero):
                 batch = move_data_to_device(batch, self.device)
                 with torch.no_grad():
@@ -356,6 +365,8 @@ class ScoringModule(AnomalyMapModule):
 
     @override
     def finish_calibration(self, phase: str) -> None:
+        if not hasattr(self, "_nll_quantile"):  # this DDP rank got no validation image; it must still sync
+            self._nll_quantile = ScoreQuantile(num_bits=self.metric_bits).to(self.device)
         self.calibration["nll_threshold"] = self._nll_quantile.quantile(self.hparams.nll_quantile)
         self.calibration["nll_quantile"] = self.hparams.nll_quantile
         del self._nll_quantile

@@ -99,7 +99,8 @@ class GlobalTransformer(LightningModule):
         """``tamper_codes`` with one generator per image, seeded by (seed, epoch, dataset index)."""
         rows = []
         for row, index in zip(codes, indices.tolist()):
-            seed = (self.hparams.seed * 2_654_435_761 + (epoch + 1) * 40_503 + int(index)) % (2**63)
+            # Distinct for every (seed, epoch, index) with index < 1e9 and epoch < 1e6.
+            seed = ((self.hparams.seed * 1_000_003 + epoch + 1) * 1_000_000_007 + int(index)) % (2**63)
             generator = torch.Generator(device=codes.device).manual_seed(seed)
             rows.append(tamper_codes(row[None], self.config.vocab_size, self.hparams.tamper_ratio, generator))
         return torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])

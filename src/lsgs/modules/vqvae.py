@@ -108,6 +108,8 @@ class VQVAE(LightningModule):
         self.net = VQVAENet(VQVAEConfig(**resolved, beta=beta))
         if init_state is not None:
             self.net.load_state_dict(init_state)
+        # oneDNN's convolutions are ~13% faster on CPU in channels_last (benchmarks/vqvae_throughput.py).
+        self.net.to(memory_format=torch.channels_last)
         if freeze_codebook:
             self.net.quantizer.codebook.requires_grad_(False)
         self.train_usage = CodebookUsage(resolved["codebook_size"])
@@ -163,7 +165,7 @@ class VQVAE(LightningModule):
         return self.net(images).reconstruction
 
     def _losses(self, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], Any]:
-        out = self.net(images)
+        out = self.net(images.contiguous(memory_format=torch.channels_last))
         l1 = F.l1_loss(out.reconstruction.float(), images.float())
         vq = out.codebook_loss + self.hparams.beta * out.commitment_loss
         losses = {

@@ -1,0 +1,426 @@
+"""Stage 5 LightningModule ``ScoringModule``: calibration on validation normals only (checked against numpy), 2-process
+DDP on an odd-sized test set, the three attention settings, restoration of an implanted foreign patch, the output
+files, reused calibration, prediction, the harness options and every user error."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import seed_everything
+from test_module_vqvae import fit_vqvae, make_trainer, mvtec_datamodule
+from torch.utils.data import Dataset
+
+import lsgs.modules.scoring as scoring_module
+from data_modules import MVTecDataModule
+from lsgs.errors import CheckpointError, ConfigError
+from lsgs.metrics.histogram import bin_of_threshold, threshold_of_bin
+from lsgs.modules import CodebookAggregator, GlobalTransformer, ScoringModule
+from lsgs.modules.aggregator import AGGREGATED_CHECKPOINT
+from lsgs.nn.restoration import smooth_anomaly_map
+from lsgs.reporting import RESULTS_FILES
+
+BITS = 16
+TEST_IMAGES = 30  # 3 categories x (2 good + 4 defects x 2)
+TRANSFORMER = {"d_model": 32, "n_layers": 1, "n_heads": 2, "dropout": 0.0, "lr": 3e-3, "warmup_steps": 5}
+
+
+# ----------------------------------------------------------------------------------------------- data wrappers
+class CountingDataset(Dataset):
+    """A split that counts its item reads; ``roi_columns`` (if set) limits the roi to the first columns."""
+
+    def __init__(self, base: Any, roi_columns: int | None = None) -> None:
+        self.base, self.roi_columns, self.reads = base, roi_columns, 0
+        self.items = base.items  # for the heatmap selection
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        self.reads += 1
+        item = self.base[index]
+        if self.roi_columns is not None:
+            roi = torch.zeros_like(item["roi"])
+            roi[..., : self.roi_columns] = 1.0
+            item = {**item, "roi": roi}
+        return item
+
+
+class InstrumentedMVTec(MVTecDataModule):
+    """Counts reads of the test and validation splits; validation normals get a left-half roi (so the
+    threshold must use roi pixels only to match the reference)."""
+
+    def dataset(self, split: str) -> Any:
+        wrapped = self.__dict__.setdefault("_wrapped", {})
+        if split not in ("val", "test"):
+            return super().dataset(split)
+        if split not in wrapped:
+            wrapped[split] = CountingDataset(super().dataset(split), 16 if split == "val" else None)
+        return wrapped[split]
+
+
+class OddSplits(MVTecDataModule):
+    """The demo test set minus its last image (29 images, split 15 / 14 over two ranks) and a single validation
+    normal (so the second of two ranks calibrates on no image at all)."""
+
+    def _make_splits(self, entries: list[Path]) -> dict[str, list]:
+        splits = dict(super()._make_splits(entries))
+        splits["test"] = splits["test"][:-1]
+        splits["val"] = splits["val"][:1]
+        return splits
+
+
+class RecordingScoring(ScoringModule):
+    """Records how many test and validation items were read while calibrating."""
+
+    def calibrate(self) -> dict[str, float]:
+        datamodule = self.trainer.datamodule
+        test, val = datamodule.dataset("test"), datamodule.dataset("val")
+        before = (test.reads, val.reads)
+        calibration = super().calibrate()
+        self.calibration_reads = {"test": test.reads - before[0], "val": val.reads - before[1]}
+        return calibration
+
+
+# ----------------------------------------------------------------------------------------------- fixtures
+@dataclass
+class Models:
+    stage1: Path  # learned codebook
+    vqvae: Path  # aggregated codebook: the VQ-VAE the transformers were trained on
+    global_transformer: Path
+    causal_transformer: Path
+
+
+@pytest.fixture(scope="module")
+def datamodule(demo_mvtec_root: Path, data_cache_dir: Path) -> MVTecDataModule:
+    return mvtec_datamodule(demo_mvtec_root, data_cache_dir)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory, datamodule: MVTecDataModule) -> Models:
+    """Stages 1, 2 and 4 on the demo data; the global transformer trains long enough to know normal codes."""
+    out = tmp_path_factory.mktemp("models")
+    fit_vqvae(out / "vqvae.ckpt", datamodule)
+    aggregator = CodebookAggregator(str(out / "vqvae.ckpt"), output_dir=str(out))
+    make_trainer(out).predict(aggregator, datamodule=datamodule, return_predictions=False)
+    paths = {}
+    for attention, epochs in (("global", 15), ("causal", 1)):
+        seed_everything(0, verbose=False)
+        model = GlobalTransformer(str(out / AGGREGATED_CHECKPOINT), attention=attention, **TRANSFORMER)
+        trainer = make_trainer(out, max_epochs=epochs)
+        trainer.fit(model, datamodule=datamodule)
+        paths[attention] = out / f"{attention}.ckpt"
+        trainer.save_checkpoint(paths[attention], weights_only=True)
+    return Models(out / "vqvae.ckpt", out / AGGREGATED_CHECKPOINT, paths["global"], paths["causal"])
+
+
+@dataclass
+class Scored:
+    module: RecordingScoring
+    datamodule: InstrumentedMVTec
+    output_dir: Path
+
+
+@pytest.fixture(scope="module")
+def scored(
+    tmp_path_factory: pytest.TempPathFactory, models: Models, demo_mvtec_root: Path, data_cache_dir: Path
+) -> Scored:
+    """One full ``trainer.test`` of the LSGS scorer with output files (read-only)."""
+    out = tmp_path_factory.mktemp("scoring")
+    datamodule = mvtec_datamodule(demo_mvtec_root, data_cache_dir, cls=InstrumentedMVTec)
+    module = RecordingScoring(
+        str(models.vqvae),
+        str(models.global_transformer),
+        num_restorations=5,
+        nll_quantile=0.8,
+        val_quantile=0.95,
+        image_quantile=0.5,
+        metric_bits=BITS,
+        output_dir=str(out),
+    )
+    make_trainer(out).test(module, datamodule=datamodule, verbose=False)
+    return Scored(module, datamodule, out)
+
+
+def bin_edge_quantile(values: np.ndarray, q: float) -> float:
+    """numpy's ``lower`` quantile rounded down to its histogram bin edge: what ``ScoreQuantile`` documents."""
+    return threshold_of_bin(bin_of_threshold(float(np.quantile(values, q, method="lower")), BITS), BITS)
+
+
+# ----------------------------------------------------------------------------------------------- errors
+def test_a_transformer_of_another_vqvae_is_rejected(models: Models) -> None:
+    with pytest.raises(CheckpointError) as error:
+        ScoringModule(str(models.stage1), str(models.global_transformer))
+    message = str(error.value)
+    assert "trained on the codes of another VQ-VAE" in message
+    assert str(models.global_transformer) in message and str(models.stage1) in message
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"vqvae_checkpoint": None}, ConfigError, "model.vqvae_checkpoint is required"),
+        ({"num_restorations": 0}, ConfigError, "num_restorations must be >= 1, got 0"),
+        ({"nll_quantile": 1.0}, ConfigError, r"nll_quantile must be in \(0, 1\), got 1.0"),
+        ({"nll_quantile": 0.0}, ConfigError, r"nll_quantile must be in \(0, 1\), got 0.0"),
+        ({"val_quantile": 1.0}, ConfigError, r"val_quantile must be in \(0, 1\), got 1.0"),
+        ({"image_quantile": 0.0}, ConfigError, r"image_quantile must be in \(0, 1\), got 0.0"),
+        ({"metric_region": "mask"}, ConfigError, "metric_region='mask' is not one of"),
+        ({"calibration": "/nonexistent/calibration.json"}, ConfigError, "model.calibration: file"),
+        (
+            {"transformer_checkpoint": "VQVAE"},
+            CheckpointError,
+            "model.transformer_checkpoint: .* is a 'vqvae'",
+        ),
+    ],
+)
+def test_bad_settings(kwargs: dict[str, Any], error: type, match: str, models: Models) -> None:
+    arguments: dict[str, Any] = {"vqvae_checkpoint": str(models.vqvae), **kwargs}
+    if arguments.get("transformer_checkpoint") == "VQVAE":
+        arguments["transformer_checkpoint"] = str(models.vqvae)
+    with pytest.raises(error, match=match):
+        ScoringModule(**arguments)
+
+
+@pytest.mark.parametrize("with_transformer", [True, False])
+def test_an_empty_validation_split_is_a_config_error(
+    with_transformer: bool, models: Models, demo_mvtec_root: Path, data_cache_dir: Path
+) -> None:
+    datamodule = mvtec_datamodule(demo_mvtec_root, data_cache_dir, val_fraction=0.0)
+    transformer = str(models.global_transformer) if with_transformer else None
+    module = ScoringModule(str(models.vqvae), transformer, num_restorations=2, metric_bits=BITS)
+    with pytest.raises(ConfigError, match=r"MVTecDataModule's val split is empty \(data.val_fraction=0.0\)"):
+        make_trainer().test(module, datamodule=datamodule, verbose=False)
+
+
+# ----------------------------------------------------------------------------------------------- calibration
+def test_thresholds_are_quantiles_of_validation_normals_and_test_data_is_not_read(
+    scored: Scored, models: Models
+) -> None:
+    module, datamodule = scored.module, scored.datamodule
+    calibration = module.calibration
+    # Calibration read every validation normal once per pass (NLL, then threshold) and no test image.
+    val_size = len(datamodule.dataset("val"))
+    assert module.calibration_reads == {"test": 0, "val": 2 * val_size}
+    assert datamodule.dataset("test").reads == TEST_IMAGES  # ... and the test pass read each test image once
+
+    nlls, pixels, all_pixels, image_scores = [], [], [], []
+    with torch.no_grad():
+        for batch in datamodule.val_dataloader():
+            codes = module.vqvae.net.encode_indices(batch["image"]).flatten(1)  # [B, L]
+            log_probs = F.log_softmax(module.transformer(codes).double(), dim=-1)
+            nlls.append(-log_probs.gather(-1, codes[..., None])[..., 0].float().numpy().ravel())
+            maps, _ = module.anomaly_map(batch)  # [B, 1, H, W], with the calibrated NLL threshold
+            pixels.append(maps[batch["roi"] > 0.5].numpy())
+            all_pixels.append(maps.numpy().ravel())
+            image_scores.append(maps.flatten(1).amax(1).numpy())
+    assert calibration["nll_quantile"] == 0.8 and calibration["val_quantile"] == 0.95
+    # code_nll is fp32; the float64 reference may fall on the other side of a bin edge only by rounding.
+    assert calibration["nll_threshold"] == bin_edge_quantile(np.concatenate(nlls), 0.8)
+    assert calibration["val_threshold"] == bin_edge_quantile(np.concatenate(pixels), 0.95)
+    assert calibration["val_threshold"] != bin_edge_quantile(np.concatenate(all_pixels), 0.95)  # roi matters
+    assert calibration["image_threshold"] == bin_edge_quantile(np.concatenate(image_scores), 0.5)
+    assert calibration["image_quantile"] == 0.5
+
+
+def test_outputs_are_written(scored: Scored) -> None:
+    out, module = scored.output_dir, scored.module
+    for name in RESULTS_FILES:
+        assert (out / name).is_file(), name
+    results = json.loads((out / "results.json").read_text())
+    assert results == json.loads(json.dumps(module.results))
+    assert results["method"] == "lsgs" and results["num_test_images"] == TEST_IMAGES
+    assert set(results["per_category"]) == {"fabric", "nut", "mesh"}
+    for key in ("pixel_auroc", "pixel_ap", "image_auroc", "aupro", "dice_best", "dice_val"):
+        assert 0.0 <= results["pooled"][key] <= 1.0, key
+    assert json.loads((out / "calibration.json").read_text()) == module.calibration
+    assert "lsgs" in (out / "results.md").read_text()
+    assert (out / "results.csv").read_text().splitlines()[0].startswith("category,pixel_auroc")
+    assert len(list((out / "heatmaps").glob("*.png"))) == 3 * 2  # heatmaps_per_category = 2
+    for name in ("roc.png", "pr.png", "curves.npz"):
+        assert (out / "curves" / name).is_file(), name
+
+    # image_scores.csv: one row per test image, in dataset order, the max of the image's final map.
+    with (out / "image_scores.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["index"]) for r in rows] == list(range(TEST_IMAGES))
+    test_set = scored.datamodule.dataset("test")
+    with torch.no_grad():
+        for i in (0, 7, TEST_IMAGES - 1):
+            item = test_set[i]
+            batch = {
+                key: value[None] if isinstance(value, torch.Tensor) else value for key, value in item.items()
+            }
+            batch["index"] = torch.tensor([i])
+            maps, _ = module.anomaly_map(batch)
+            assert float(rows[i]["score"]) == pytest.approx(float(maps.max()), rel=1e-6)
+            assert int(rows[i]["label"]) == item["label"] and rows[i]["category"] == item["category"]
+
+
+def test_a_saved_calibration_is_reused_without_a_calibration_pass(
+    scored: Scored, models: Models, demo_mvtec_root: Path, data_cache_dir: Path
+) -> None:
+    datamodule = mvtec_datamodule(demo_mvtec_root, data_cache_dir, cls=InstrumentedMVTec)
+    module = RecordingScoring(
+        str(models.vqvae),
+        str(models.global_transformer),
+        num_restorations=5,
+        metric_bits=BITS,
+        calibration=str(scored.output_dir / "calibration.json"),
+    )
+    make_trainer().test(module, datamodule=datamodule, verbose=False)
+    assert module.calibration_reads == {"test": 0, "val": 0}
+    assert module.calibration == scored.module.calibration
+    assert module.results["pooled"] == scored.module.results["pooled"]
+
+
+def test_predict_flags_images_above_the_image_threshold(scored: Scored, models: Models) -> None:
+    module = ScoringModule(
+        str(models.vqvae), str(models.global_transformer), num_restorations=5, metric_bits=BITS
+    )
+    batches = make_trainer().predict(module, datamodule=scored.datamodule)
+    scores = torch.cat([b["score"] for b in batches])
+    assert scores.shape == (TEST_IMAGES,) and batches[0]["map"].shape[1:] == (1, 32, 32)
+    flags = torch.cat([b["anomalous"] for b in batches])
+    assert torch.equal(flags, scores > module.calibration["image_threshold"])
+    assert sum(len(b["path"]) for b in batches) == TEST_IMAGES
+
+
+# ----------------------------------------------------------------------------------------------- methods
+@pytest.mark.parametrize(
+    ("attention", "method"), [("none", "vqvae-reconstruction"), ("causal", "lsgs-causal"), ("global", "lsgs")]
+)
+def test_every_attention_setting_produces_results(
+    attention: str, method: str, models: Models, datamodule: MVTecDataModule
+) -> None:
+    transformer = {"none": None, "causal": models.causal_transformer, "global": models.global_transformer}
+    path = transformer[attention]
+    module = ScoringModule(
+        str(models.vqvae),
+        str(path) if path else None,
+        num_restorations=2,
+        metric_bits=BITS,
+        compute_aupro=False,
+    )
+    make_trainer().test(module, datamodule=datamodule, verbose=False)
+    results = module.results
+    assert results["method"] == method == module.method_name
+    assert results["method_info"]["attention"] == attention
+    assert results["num_test_images"] == TEST_IMAGES
+    assert ("nll_threshold" in results["calibration"]) == (attention != "none")
+    assert math.isfinite(results["pooled"]["pixel_auroc"]) and math.isfinite(results["pooled"]["image_auroc"])
+
+
+def test_restoration_repairs_an_implanted_foreign_patch(
+    scored: Scored, datamodule: MVTecDataModule, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A black 12x12 patch on validation normals: its codes are resampled away in every restoration far more
+    often than other codes, and the anomaly map is higher on it than elsewhere and than on the clean image."""
+    module = scored.module
+    restorations: list[torch.Tensor] = []
+    original = scoring_module.restore_global
+
+    def spy(*args: Any, **kwargs: Any) -> torch.Tensor:
+        restorations.append(original(*args, **kwargs))
+        return restorations[-1]
+
+    monkeypatch.setattr(scoring_module, "restore_global", spy)
+    batch = next(iter(datamodule.val_dataloader()))
+    images = batch["image"].clone()
+    images[:, :, 10:22, 10:22] = 0.0
+    with torch.no_grad():
+        clean_codes = module.vqvae.net.encode_indices(batch["image"]).flatten(1)  # [B, L]
+        codes = module.vqvae.net.encode_indices(images).flatten(1)
+        clean_map = module.anomaly_map(batch)[0][:, 0]  # [B, H, W]
+        implanted_map = module.anomaly_map({**batch, "image": images})[0][:, 0]
+    restored = restorations[-1]  # [B, n, L]
+    assert restored.shape == (images.shape[0], 5, 64)
+    footprint = codes != clean_codes
+    assert footprint.any(1).all()  # the patch changed the code map of every image
+    always = (restored != codes[:, None]).all(1)  # resampled to another code in all n restorations
+    assert (always & footprint).any(1).all()
+    rate_inside = float((always & footprint).sum() / footprint.sum())
+    rate_outside = float((always & ~footprint).sum() / (~footprint).sum())
+    assert rate_inside > 3 * rate_outside, (rate_inside, rate_outside)
+    patch = torch.zeros(32, 32, dtype=torch.bool)
+    patch[10:22, 10:22] = True
+    inside, outside = implanted_map[:, patch].mean(1), implanted_map[:, ~patch].mean(1)
+    assert (inside > 1.5 * outside).all(), (inside, outside)
+    assert (inside > clean_map[:, patch].mean(1)).all()
+
+
+# ----------------------------------------------------------------------------------------------- options
+def test_harness_options(
+    scored: Scored, models: Models, demo_mvtec_root: Path, data_cache_dir: Path, tmp_path: Path
+) -> None:
+    """smoothing off / padding counted or not, metric_region roi (with a left-half test roi), no AUPRO, no
+    heatmaps."""
+
+    class HalfRoiTest(MVTecDataModule):
+        def dataset(self, split: str) -> Any:
+            wrapped = self.__dict__.setdefault("_wrapped", {})
+            if split != "test":
+                return super().dataset(split)
+            return wrapped.setdefault(split, CountingDataset(super().dataset(split), roi_columns=16))
+
+    datamodule = mvtec_datamodule(demo_mvtec_root, data_cache_dir, cls=HalfRoiTest)
+    common = {"vqvae_checkpoint": str(models.vqvae), "transformer_checkpoint": None, "metric_bits": BITS}
+    plain = ScoringModule(
+        **common, smoothing=False, compute_aupro=False, heatmaps_per_category=0, output_dir=str(tmp_path)
+    )
+    make_trainer().test(plain, datamodule=datamodule, verbose=False)
+    assert not (tmp_path / "heatmaps").exists() and (tmp_path / "results.json").is_file()
+    assert "aupro" not in plain.results["pooled"] and "aupro" in scored.module.results["pooled"]
+    batch = next(iter(datamodule.test_dataloader()))
+    with torch.no_grad():
+        raw, _ = plain.raw_anomaly_map(batch)
+        final, _ = plain.anomaly_map(batch)
+    assert torch.equal(final, raw * batch["roi"])  # no smoothing: the roi-masked raw map
+    for include_pad in (True, False):
+        smoothed = ScoringModule(**common, smoothing_count_include_pad=include_pad)
+        with torch.no_grad():
+            expected = smooth_anomaly_map(raw * batch["roi"], count_include_pad=include_pad)
+            assert torch.equal(smoothed.anomaly_map(batch)[0], expected)
+    assert not torch.equal(expected, smooth_anomaly_map(raw * batch["roi"], count_include_pad=True))
+
+    region = ScoringModule(**common, smoothing=False, compute_aupro=False, metric_region="roi")
+    make_trainer().test(region, datamodule=datamodule, verbose=False)
+    assert region.results["metric_region"] == "roi"
+    # Only the left half counts: fewer pixels in the pooled metrics, so the AUROC changes.
+    assert region.results["pooled"]["pixel_auroc"] != plain.results["pooled"]["pixel_auroc"]
+
+
+# ----------------------------------------------------------------------------------------------- DDP
+def test_two_process_ddp_on_odd_splits_equals_the_single_process_run(
+    models: Models, demo_mvtec_root: Path, data_cache_dir: Path, tmp_path: Path
+) -> None:
+    def run(out: Path, **trainer_options: Any) -> None:
+        module = ScoringModule(
+            str(models.vqvae),
+            str(models.global_transformer),
+            num_restorations=3,
+            metric_bits=BITS,
+            heatmaps_per_category=1,
+            output_dir=str(out),
+        )
+        datamodule = mvtec_datamodule(demo_mvtec_root, data_cache_dir, cls=OddSplits)
+        make_trainer(out, **trainer_options).test(module, datamodule=datamodule, verbose=False)
+
+    run(tmp_path / "single")
+    run(tmp_path / "ddp", devices=2, strategy="ddp_spawn")
+    single = json.loads((tmp_path / "single" / "results.json").read_text())
+    assert single["num_test_images"] == TEST_IMAGES - 1
+    assert json.loads((tmp_path / "ddp" / "results.json").read_text()) == single
+    for name in ("image_scores.csv", "calibration.json", "results.csv"):
+        assert (tmp_path / "ddp" / name).read_text() == (tmp_path / "single" / name).read_text(), name
+    assert sorted(p.name for p in (tmp_path / "ddp" / "heatmaps").iterdir()) == sorted(
+        p.name for p in (tmp_path / "single" / "heatmaps").iterdir()
+    )
