@@ -285,8 +285,8 @@ def test_baselines_join_the_summary_and_the_report(
 ) -> None:
     run_dir = copy_run(tiny_run, tmp_path)
     before = done_mtimes(run_dir)
-    pipeline_main(tiny_args(demo_mvtec_root, data_cache_dir, run_dir, "--run_baselines=true", *TINY_BASELINES,
-                            "--stages=[baselines]"))
+    # The default run (no --stages) with baselines on: the finished LSGS stages are skipped, baselines run.
+    pipeline_main(tiny_args(demo_mvtec_root, data_cache_dir, run_dir, "--run_baselines=true", *TINY_BASELINES))
     assert done_mtimes(run_dir) == before  # the LSGS stages were not touched
     scoring = json.loads((run_dir / "scoring" / "results.json").read_text())
     for name in ("intensity", "pixel_gaussian", "ae", "vae"):

@@ -369,12 +369,12 @@ def run_experiment(experiment: Experiment, only: Sequence[str] | None = None) ->
     run_dir = experiment.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     run_info = _run_info(run_dir)
-    requested = set(only or experiment.plans)
-    unknown = requested - {*STAGE_NAMES, "baselines"}
+    unknown = set(only or ()) - {*STAGE_NAMES, "baselines"}
     if unknown:
         raise ConfigError(
             f"--stages has unknown stage(s) {sorted(unknown)}; valid: {[*STAGE_NAMES, 'baselines']}"
         )
+    requested = set(only or experiment.plans)
     if "baselines" in requested:
         requested |= {key for key in experiment.plans if key.startswith("baselines.")}
     for stage, plan in experiment.plans.items():
