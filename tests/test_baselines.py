@@ -133,17 +133,36 @@ def dice(predicted: np.ndarray, truth: np.ndarray) -> float:
     return float(2 * (predicted & truth).sum() / (predicted.sum() + truth.sum()))
 
 
-def pixel_gaussian_reference(dm: Any, eps_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray, float]:
-    train = arrays(dm, "train_eval", "image")
-    std = train.std(axis=0)
-    return train.mean(axis=0), std, eps_fraction * std.mean()
+def split_categories(dm: Any, split: str) -> np.ndarray:
+    data = dm.dataset(split)
+    return np.array([data.items[i].category for i in range(len(data))])
 
 
-def intensity_reference(dm: Any) -> tuple[np.ndarray, float]:
+def pixel_gaussian_reference(dm: Any, eps_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-category ``[n_categories, C, H, W]`` mean and std and ``[n_categories]`` eps, test_categories order."""
+    train, categories = arrays(dm, "train_eval", "image"), split_categories(dm, "train_eval")
+    means, stds = zip(*[(train[categories == c].mean(axis=0), train[categories == c].std(axis=0))
+                        for c in dm.test_categories])
+    stds = np.stack(stds)
+    return np.stack(means), stds, eps_fraction * stds.mean(axis=(1, 2, 3))
+
+
+def intensity_reference(dm: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Per-category ``[n_categories, C]`` mean colour/intensity and ``[n_categories]`` scale."""
     train, roi = arrays(dm, "train_eval", "image"), arrays(dm, "train_eval", "roi") > 0.5
-    pixels = train.transpose(0, 2, 3, 1)[roi[:, 0]]  # [P, C] training ROI pixels
-    mean = pixels.mean(axis=0)
-    return mean, float(np.sqrt(((pixels - mean) ** 2).sum(axis=1).mean()))
+    categories = split_categories(dm, "train_eval")
+    means, scales = [], []
+    for c in dm.test_categories:
+        pick = categories == c
+        pixels = train[pick].transpose(0, 2, 3, 1)[roi[pick][:, 0]]  # [P, C] training ROI pixels of c
+        means.append(pixels.mean(axis=0))
+        scales.append(float(np.sqrt(((pixels - means[-1]) ** 2).sum(axis=1).mean())))
+    return np.stack(means), np.array(scales)
+
+
+def rows_of(dm: Any, split: str) -> np.ndarray:
+    """Each image's row in the per-category statistics."""
+    return np.array([dm.test_categories.index(c) for c in split_categories(dm, split)])
 
 
 # ------------------------------------------------------------------------------------------ end to end
@@ -170,14 +189,15 @@ def test_pixel_gaussian_matches_numpy(dataset: str, dms: dict) -> None:
     dm = dms[dataset]
     module = run(PixelGaussianBaseline(in_channels=dm.num_channels, eps_fraction=0.2, **QUIET), dm)
     mean, std, eps = pixel_gaussian_reference(dm, 0.2)
+    assert module.categories == dm.test_categories
     np.testing.assert_allclose(module.pixel_mean.numpy(), mean, atol=1e-6)
     np.testing.assert_allclose(module.pixel_std.numpy(), std, atol=1e-6)
-    assert float(module.eps) == pytest.approx(eps, rel=1e-6)
-    test = whole_split(dm, "test")
-    expected = (np.abs(test["image"].double().numpy() - mean) / (std + eps)).max(axis=1, keepdims=True)
+    np.testing.assert_allclose(module.eps.numpy(), eps, rtol=1e-6)
+    test, rows = whole_split(dm, "test"), rows_of(dm, "test")
+    expected = (np.abs(test["image"].double().numpy() - mean[rows]) / (std[rows] + eps[rows, None, None, None]))
     raw, pictures = module.raw_anomaly_map(test)
-    np.testing.assert_allclose(raw.numpy(), expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(pictures["reconstruction"][0], module.pixel_mean)
+    np.testing.assert_allclose(raw.numpy(), expected.max(axis=1, keepdims=True), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pictures["reconstruction"], module.pixel_mean[torch.as_tensor(rows)])
 
 
 @pytest.mark.parametrize(("dataset", "signed"), [("mvtec", False), ("brats", False), ("brats", True)])
@@ -186,12 +206,12 @@ def test_intensity_matches_numpy(dataset: str, signed: bool, dms: dict) -> None:
     module = run(IntensityBaseline(signed=signed, in_channels=dm.num_channels, **QUIET), dm)
     mean, scale = intensity_reference(dm)
     np.testing.assert_allclose(module.channel_mean.numpy(), mean, atol=1e-6)
-    assert float(module.scale) == pytest.approx(scale, rel=1e-5)
-    test = whole_split(dm, "test")
-    centred = test["image"].double().numpy() - mean[None, :, None, None]
+    np.testing.assert_allclose(module.scale.numpy(), scale, rtol=1e-5)
+    test, rows = whole_split(dm, "test"), rows_of(dm, "test")
+    centred = test["image"].double().numpy() - mean[rows][:, :, None, None]
     # One channel: the z-score (clipped at 0 unless signed); RGB: the distance from the mean colour.
     norm = centred if dataset == "brats" else np.sqrt((centred**2).sum(axis=1, keepdims=True))
-    expected = norm / scale
+    expected = norm / scale[rows][:, None, None, None]
     if dataset == "brats" and not signed:
         expected = np.maximum(expected, 0.0)
     raw, _ = module.raw_anomaly_map(test)
@@ -227,6 +247,7 @@ def shard_sums(cls: type, images: torch.Tensor, roi: torch.Tensor) -> torch.Tens
     """The (not yet reduced) sums one rank accumulates over its shard."""
     module = cls()
     attach(module)
+    module.calibration_phases()
     for i in range(len(images)):
         module.calibrate_step("statistics", {"image": images[i:i + 1], "roi": roi[i:i + 1]})
     return module._sums
@@ -373,13 +394,14 @@ def test_harness_metrics_equal_sklearn_on_maps_computed_outside(mvtec_dm: MVTecD
     module = run(PixelGaussianBaseline(smoothing=False, metric_region="all", **QUIET), mvtec_dm)
     mean, std, eps = pixel_gaussian_reference(mvtec_dm)
 
-    def reference(images: np.ndarray) -> np.ndarray:
-        return (np.abs(images - mean) / (std + eps)).max(axis=1, keepdims=True).astype(np.float32)
+    def reference(images: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        z = np.abs(images - mean[rows]) / (std[rows] + eps[rows, None, None, None])
+        return z.max(axis=1, keepdims=True).astype(np.float32)
 
     test = whole_split(mvtec_dm, "test")
-    val_maps = reference(arrays(mvtec_dm, "val", "image"))
-    check_against_sklearn(module.results, reference(test["image"].double().numpy()), test, val_maps,
-                          np.ones_like(val_maps, dtype=bool), valid=None)
+    val_maps = reference(arrays(mvtec_dm, "val", "image"), rows_of(mvtec_dm, "val"))
+    check_against_sklearn(module.results, reference(test["image"].double().numpy(), rows_of(mvtec_dm, "test")),
+                          test, val_maps, np.ones_like(val_maps, dtype=bool), valid=None)
 
 
 def test_harness_roi_region_and_smoothing_equal_scipy_and_sklearn(brats_dm: BraTSDataModule) -> None:
@@ -621,3 +643,19 @@ def test_config_errors() -> None:
     group = module.configure_optimizers().param_groups[0]
     assert (group["lr"], group["weight_decay"]) == (2e-3, 1e-4)
     assert module.method_info() == {"variational": True, "channels": [8, 16], "code_dim": 8, "kl_weight": 0.01}
+
+
+def test_pooled_statistics_without_per_category(mvtec_dm: MVTecDataModule) -> None:
+    """per_category=False: one set of statistics for all training images (the mixture of categories)."""
+    module = run(PixelGaussianBaseline(per_category=False, **QUIET), mvtec_dm)
+    train = arrays(mvtec_dm, "train_eval", "image")
+    assert module.categories == ["*"] and module.pixel_mean.shape[0] == 1
+    np.testing.assert_allclose(module.pixel_mean[0].numpy(), train.mean(axis=0), atol=1e-6)
+    np.testing.assert_allclose(module.pixel_std[0].numpy(), train.std(axis=0), atol=1e-6)
+    per_category = run(PixelGaussianBaseline(**QUIET), mvtec_dm)
+    assert len(per_category.categories) == 3
+    assert not np.allclose(per_category.pixel_mean.numpy(), module.pixel_mean.numpy())
+    with pytest.raises(DataError, match=r"no statistics for category \['bottle'\]"):
+        batch = default_collate([mvtec_dm.dataset("test")[0]])
+        batch["category"] = ["bottle"]
+        per_category.raw_anomaly_map(batch)

@@ -62,15 +62,17 @@ def standardised_intensity(images: Tensor, mean: Tensor, scale: Tensor) -> Tenso
 
     Args:
         images: ``[B, C, H, W]``.
-        mean: ``[C]`` mean intensity (per channel) of the training ROI pixels.
-        scale: scalar ``sigma``: the standard deviation (C = 1) or the RMS distance to the mean colour (C > 1).
+        mean: ``[C]`` (or ``[B, C]``, one row per image) mean intensity of the training ROI pixels.
+        scale: scalar (or ``[B]``) ``sigma``: the standard deviation (C = 1) or the RMS distance to the mean
+            colour (C > 1).
 
     Returns:
         ``[B, 1, H, W]``: ``(x - mu) / sigma`` if C = 1 (signed: hyperintense scores high), else
         ``||x - mu||_2 / sigma``.
     """
-    centred = images.float() - mean.to(images.device, torch.float32).view(1, -1, 1, 1)
-    scale = scale.to(images.device, torch.float32)
+    mean = mean.to(images.device, torch.float32)
+    centred = images.float() - mean.reshape(-1 if mean.dim() == 2 else 1, images.shape[1], 1, 1)
+    scale = scale.to(images.device, torch.float32).reshape(-1, 1, 1, 1)
     if images.shape[1] == 1:
         return centred / scale
     return torch.linalg.vector_norm(centred, dim=1, keepdim=True) / scale
@@ -81,16 +83,16 @@ def pixel_gaussian_map(images: Tensor, mean: Tensor, std: Tensor, eps: Tensor | 
 
     Args:
         images: ``[B, C, H, W]``.
-        mean: ``[C, H, W]`` per-pixel mean of the training images.
-        std: ``[C, H, W]`` per-pixel standard deviation.
-        eps: scalar added to ``std`` so pixels that never vary in training do not divide by ~0.
+        mean: ``[C, H, W]`` (or ``[B, C, H, W]``, one per image) per-pixel mean of the training images.
+        std: same shape, per-pixel standard deviation.
+        eps: scalar (or ``[B]``) added to ``std`` so pixels that never vary in training do not divide by ~0.
 
     Returns:
         ``[B, 1, H, W]``.
     """
     device = images.device
     mean, std = mean.to(device, torch.float32), std.to(device, torch.float32)
-    eps = torch.as_tensor(eps, dtype=torch.float32, device=device)
+    eps = torch.as_tensor(eps, dtype=torch.float32, device=device).reshape(-1, 1, 1, 1)
     return ((images.float() - mean).abs() / (std + eps)).amax(dim=1, keepdim=True)
 
 
@@ -191,14 +193,29 @@ class BaselineModule(AnomalyMapModule):
 class _StatisticsBaseline(BaselineModule):
     """A baseline whose state is a few statistics of the training images, computed in the train pass.
 
+    With ``per_category`` (default) the statistics are kept per category, as the data module's
+    ``test_categories`` name them: MVTec is evaluated per category, and a per-pixel Gaussian (or a mean colour)
+    of a mixture of carpets and screws describes neither. The statistic buffers then have a leading category
+    dimension; an image is scored with the statistics of its ``category``.
+
     Subclasses list their statistic buffers in ``_statistics``; those start empty (their shapes depend on the
     data) and are resized to the stored shapes when a state dict is loaded.
+
+    Args:
+        per_category: one set of statistics per category (False: one set for all training images).
+        **kwargs: see ``BaselineModule`` and ``AnomalyMapModule``.
     """
 
     _statistics: tuple[str, ...] = ()
     _counted = "values"  # what the count of ``_batch_sums`` counts, for messages
     # With model.calibration given the harness skips every calibration pass, statistics included.
     _fit_hint = "let trainer.test compute its statistics (without model.calibration)"
+    _ALL = "*"  # the single "category" when statistics are not per category
+
+    def __init__(self, per_category: bool = True, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.per_category = bool(per_category)
+        self.categories: list[str] = []
 
     @override
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
@@ -209,16 +226,56 @@ class _StatisticsBaseline(BaselineModule):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     @override
+    def _load_init_from(self) -> None:
+        if self.init_from is not None:
+            meta = load_checkpoint(self.init_from, BASELINE_KIND, "model.init_from")["lsgs"]
+            self.categories = list(meta.get("categories", []))
+        super()._load_init_from()
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["lsgs"]["categories"] = list(self.categories)
+
+    @override
     def calibration_phases(self) -> list[tuple[str, str]]:
         # Statistics loaded with init_from are kept; otherwise they come from the training split.
-        return [] if bool(self.fitted) else [(STATISTICS_PHASE, "train")]
+        if bool(self.fitted):
+            return []
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        categories = list(getattr(datamodule, "test_categories", None) or [])
+        self.categories = categories if self.per_category and categories else [self._ALL]
+        return [(STATISTICS_PHASE, "train")]
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.categories = list(checkpoint.get("lsgs", {}).get("categories", []))
+
+    def category_indices(self, batch: dict[str, Any], device: torch.device) -> Tensor:
+        """``[B]`` row of each image's statistics, from ``batch["category"]`` (all 0 without ``per_category``)."""
+        if self.categories == [self._ALL]:
+            return torch.zeros(batch["image"].shape[0], dtype=torch.long, device=device)
+        categories = list(batch["category"])
+        index = {name: i for i, name in enumerate(self.categories)}
+        unknown = sorted(set(categories) - set(index))
+        if unknown:
+            raise DataError(
+                f"{self.method_name} baseline: no statistics for categor{'y' if len(unknown) == 1 else 'ies'} "
+                f"{unknown}; it was fitted on {self.categories}"
+            )
+        return torch.tensor([index[c] for c in categories], dtype=torch.long, device=device)
 
     @override
     def calibrate_step(self, phase: str, batch: dict[str, Any]) -> None:
         assert phase == STATISTICS_PHASE, phase
         images = batch["image"]
         self._check_images(images)
-        sums = self._batch_sums(images.double(), batch["roi"].to(images.device) > 0.5)
+        roi = batch["roi"].to(images.device) > 0.5
+        rows = self.category_indices(batch, images.device)
+        sums = self._empty_sums().to(images.device).repeat(len(self.categories), 1)  # [n_categories, L]
+        for row in rows.unique().tolist():
+            selected = rows == row
+            sums[row] = self._batch_sums(images[selected].double(), roi[selected])
         self._sums = sums if getattr(self, "_sums", None) is None else self._sums + sums
 
     @override
@@ -226,12 +283,13 @@ class _StatisticsBaseline(BaselineModule):
         assert phase == STATISTICS_PHASE, phase
         sums, self._sums = getattr(self, "_sums", None), None
         if sums is None:  # this rank's shard is empty; it must still join the all-reduce
-            sums = self._empty_sums().to(self.fitted.device)
+            sums = self._empty_sums().to(self.fitted.device).repeat(len(self.categories), 1)
         sums = self._sum_over_ranks(sums)
-        if sums[0] <= 0:
+        empty = [name for name, row in zip(self.categories, sums) if row[0] <= 0]
+        if empty:
             raise DataError(
-                f"{self.method_name} baseline: no training {self._counted} to take statistics of (empty "
-                "training split or empty ROI)"
+                f"{self.method_name} baseline: no training {self._counted} to take statistics of for "
+                f"{empty if self.categories != [self._ALL] else 'the training split'} (empty split or empty ROI)"
             )
         self._set_statistics(sums)
         self.fitted.fill_(True)
@@ -241,11 +299,11 @@ class _StatisticsBaseline(BaselineModule):
         raise NotImplementedError
 
     def _batch_sums(self, images: Tensor, roi: Tensor) -> Tensor:
-        """Flat float64 sums of one batch ([count, sums, sums of squares]); one tensor = one all-reduce."""
+        """Flat float64 sums of some images of one category ([count, sums, sums of squares])."""
         raise NotImplementedError
 
     def _set_statistics(self, sums: Tensor) -> None:
-        """Turn the all-reduced sums of the whole training split into the statistic buffers."""
+        """Turn the all-reduced sums ``[n_categories, L]`` of the training split into the statistic buffers."""
         raise NotImplementedError
 
 
@@ -279,13 +337,18 @@ class IntensityBaseline(_StatisticsBaseline):
     _counted = "ROI pixels"
 
     def __init__(
-        self, signed: bool = False, in_channels: int = 3, init_from: str | None = None, **kwargs: Any
+        self,
+        signed: bool = False,
+        per_category: bool = True,
+        in_channels: int = 3,
+        init_from: str | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(in_channels=in_channels, init_from=init_from, **kwargs)
+        super().__init__(per_category=per_category, in_channels=in_channels, init_from=init_from, **kwargs)
         self.save_hyperparameters()
         self.signed = signed
-        self.register_buffer("channel_mean", torch.zeros(0))  # [C] once fitted
-        self.register_buffer("scale", torch.zeros(0))  # scalar once fitted
+        self.register_buffer("channel_mean", torch.zeros(0))  # [n_categories, C] once fitted
+        self.register_buffer("scale", torch.zeros(0))  # [n_categories] once fitted
         self._load_init_from()
 
     @override
@@ -303,15 +366,16 @@ class IntensityBaseline(_StatisticsBaseline):
     @override
     def _set_statistics(self, sums: Tensor) -> None:
         c = self.in_channels
-        count, total, total_sq = sums[0], sums[1 : 1 + c], sums[1 + c :]
-        mean, variance = mean_and_variance(count, total, total_sq)
+        count, total, total_sq = sums[:, :1], sums[:, 1 : 1 + c], sums[:, 1 + c :]
+        mean, variance = mean_and_variance(count, total, total_sq)  # [n, C]
         # C = 1: the standard deviation; C > 1: sqrt(E||x - mu||^2) = sqrt(sum of per-channel variances).
-        scale = variance.sum().sqrt()
-        if scale <= 0:
-            raise DataError(
-                f"intensity baseline: all {int(count)} training ROI pixels have the same intensity "
-                f"{mean.tolist()}; a z-score is undefined"
-            )
+        scale = variance.sum(dim=1).sqrt()  # [n]
+        for name, n, m, sc in zip(self.categories, count[:, 0], mean, scale):
+            if sc <= 0:
+                raise DataError(
+                    f"intensity baseline: all {int(n)} training ROI pixels of '{name}' have the same intensity "
+                    f"{m.tolist()}; a z-score is undefined"
+                )
         self.channel_mean = mean.float()
         self.scale = scale.float()
 
@@ -321,7 +385,8 @@ class IntensityBaseline(_StatisticsBaseline):
         self._check_fitted()
         images = batch["image"]
         self._check_images(images)
-        anomaly = standardised_intensity(images, self.channel_mean, self.scale)
+        rows = self.category_indices(batch, self.channel_mean.device)
+        anomaly = standardised_intensity(images, self.channel_mean[rows], self.scale[rows])
         if images.shape[1] == 1 and not self.signed:
             anomaly = anomaly.clamp_min(0.0)
         return anomaly, {}
@@ -332,7 +397,7 @@ class IntensityBaseline(_StatisticsBaseline):
             return {}
         statistic = "z-score" + (" (signed)" if self.signed else " clipped at 0 (hyperintensity)")
         return {"statistic": statistic if self.in_channels == 1 else "distance from the mean colour",
-                "mean": self.channel_mean.tolist(), "scale": float(self.scale)}
+                "categories": self.categories, "mean": self.channel_mean.tolist(), "scale": self.scale.tolist()}
 
 
 # ----------------------------------------------------------------------------------------------- pixel Gaussian
@@ -358,16 +423,21 @@ class PixelGaussianBaseline(_StatisticsBaseline):
     _counted = "images"
 
     def __init__(
-        self, eps_fraction: float = 0.1, in_channels: int = 3, init_from: str | None = None, **kwargs: Any
+        self,
+        eps_fraction: float = 0.1,
+        per_category: bool = True,
+        in_channels: int = 3,
+        init_from: str | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(in_channels=in_channels, init_from=init_from, **kwargs)
+        super().__init__(per_category=per_category, in_channels=in_channels, init_from=init_from, **kwargs)
         if not (isinstance(eps_fraction, (int, float)) and 0.0 < eps_fraction < math.inf):
             raise ConfigError(f"model.eps_fraction must be a positive finite number, got {eps_fraction!r}")
         self.eps_fraction = float(eps_fraction)
         self.save_hyperparameters()
-        self.register_buffer("pixel_mean", torch.zeros(0))  # [C, H, W] once fitted
-        self.register_buffer("pixel_std", torch.zeros(0))  # [C, H, W] once fitted
-        self.register_buffer("eps", torch.zeros(0))  # scalar once fitted
+        self.register_buffer("pixel_mean", torch.zeros(0))  # [n_categories, C, H, W] once fitted
+        self.register_buffer("pixel_std", torch.zeros(0))  # [n_categories, C, H, W] once fitted
+        self.register_buffer("eps", torch.zeros(0))  # [n_categories] once fitted
         self._image_shape: tuple[int, ...] | None = None
         self._load_init_from()
 
@@ -378,19 +448,20 @@ class PixelGaussianBaseline(_StatisticsBaseline):
 
     @override
     def _set_statistics(self, sums: Tensor) -> None:
-        count, rest = sums[0], sums[1:]
-        total, total_sq = rest.chunk(2)
-        mean, variance = mean_and_variance(count, total, total_sq)
+        count, rest = sums[:, :1], sums[:, 1:]
+        total, total_sq = rest.chunk(2, dim=1)
+        mean, variance = mean_and_variance(count, total, total_sq)  # [n, C*H*W]
         std = variance.sqrt()
-        if std.mean() <= 0:
-            raise DataError(
-                f"pixel_gaussian baseline: the {int(count)} training images are identical; a per-pixel standard "
-                "deviation needs at least two different images"
-            )
-        shape = self._image_shape
+        for name, n, row in zip(self.categories, count[:, 0], std):
+            if row.mean() <= 0:
+                raise DataError(
+                    f"pixel_gaussian baseline: the {int(n)} training images of '{name}' are identical; a per-pixel "
+                    "standard deviation needs at least two different images"
+                )
+        shape = (len(self.categories), *self._image_shape)
         self.pixel_mean = mean.float().reshape(shape)
         self.pixel_std = std.float().reshape(shape)
-        self.eps = (self.eps_fraction * std.mean()).float()
+        self.eps = (self.eps_fraction * std.mean(dim=1)).float()
 
     @override
     def calibration_phases(self) -> list[tuple[str, str]]:
@@ -425,22 +496,23 @@ class PixelGaussianBaseline(_StatisticsBaseline):
         self._check_fitted()
         images = batch["image"]
         self._check_images(images)
-        if tuple(images.shape[1:]) != tuple(self.pixel_mean.shape):
+        if tuple(images.shape[1:]) != tuple(self.pixel_mean.shape[1:]):
             raise DataError(
                 f"pixel_gaussian baseline: images of shape {list(images.shape[1:])} but the per-pixel statistics "
-                f"are for {list(self.pixel_mean.shape)}; score at the training image_size"
+                f"are for {list(self.pixel_mean.shape[1:])}; score at the training image_size"
             )
-        anomaly = pixel_gaussian_map(images, self.pixel_mean, self.pixel_std, self.eps)
+        rows = self.category_indices(batch, self.pixel_mean.device)
+        mean = self.pixel_mean[rows]  # [B, C, H, W]: each image's category
+        anomaly = pixel_gaussian_map(images, mean, self.pixel_std[rows], self.eps[rows])
         # The mean image is the model's "expected normal image": shown in the panels' reconstruction column.
-        expected = self.pixel_mean.to(images.device).expand_as(images)
-        return anomaly, {"reconstruction": expected}
+        return anomaly, {"reconstruction": mean.to(images.device)}
 
     @override
     def method_info(self) -> dict[str, Any]:
         if not bool(self.fitted):
             return {"eps_fraction": self.eps_fraction}
-        return {"eps_fraction": self.eps_fraction, "eps": float(self.eps),
-                "mean_std": float(self.pixel_std.mean())}
+        return {"eps_fraction": self.eps_fraction, "categories": self.categories, "eps": self.eps.tolist(),
+                "mean_std": self.pixel_std.mean(dim=(1, 2, 3)).tolist()}
 
 
 # ----------------------------------------------------------------------------------------------- autoencoders
