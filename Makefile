@@ -37,7 +37,7 @@ DEMO_DEP := $(if $(DATA_ROOT),,demo-data)
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --disable-pip-version-check -q "$(TORCH)"
+	$(PY) -m pip install --disable-pip-version-check -q $(TORCH)
 	$(PY) -m pip install --disable-pip-version-check -q -c requirements/constraints.txt -e ".[dev]" $(PIP_EXTRA)
 	@touch $@
 
