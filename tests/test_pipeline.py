@@ -270,6 +270,12 @@ def test_ablations_write_their_tables(
         ]
         == "vqvae-reconstruction"
     )
+    # The table also goes to W&B (offline here) as a table of its own run in the experiment's group.
+    from lsgs.ablations import log_table_to_wandb
+
+    config.logger = "wandb"
+    log_table_to_wandb(config, "attention", table)
+    assert len(list((run_dir / "ablations" / "wandb").glob("offline-run-*"))) == 1
 
 
 TINY_BASELINES = [

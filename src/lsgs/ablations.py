@@ -8,7 +8,10 @@ the stages they have in common (e.g. all attention variants use the same fine-tu
 from __future__ import annotations
 
 import copy
+import csv
+import io
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -79,6 +82,33 @@ def run_ablation(table: str, config: Namespace) -> tuple[str, str]:
     return markdown, table_csv
 
 
+def log_table_to_wandb(config: Namespace, table: str, table_csv: str) -> None:
+    """The ablation table as a W&B table, in a small run of the experiment's group (offline unless
+    WANDB_MODE=online; nothing when W&B is off)."""
+    if config.logger != "wandb" or os.environ.get("WANDB_MODE", "").lower() == "disabled":
+        return
+    import wandb
+
+    main_dir = Path(config.run_dir or Path("runs") / config.name).resolve()
+    run_id = json.loads((main_dir / "run.json").read_text())["run_id"]
+    rows = list(csv.reader(io.StringIO(table_csv)))
+    data = [[_number(cell) for cell in row] for row in rows[1:]]
+    run = wandb.init(
+        project=config.wandb.project, entity=config.wandb.entity, group=f"{config.name}-{run_id}",
+        name=f"ablation-{table}", job_type="ablation", dir=str(main_dir / "ablations"),
+        mode="online" if os.environ.get("WANDB_MODE", "offline").lower() == "online" else "offline",
+    )
+    run.log({f"ablation/{table}": wandb.Table(columns=rows[0], data=data)})
+    run.finish()
+
+
+def _number(cell: str) -> float | str:
+    try:
+        return float(cell)
+    except ValueError:
+        return cell
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -89,7 +119,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if table not in TABLES:
         raise ConfigError(f"unknown ablation {table!r}; choose one of {TABLES}")
     _, config = parse_experiment(rest)
-    markdown, _ = run_ablation(table, config)
+    markdown, table_csv = run_ablation(table, config)
+    log_table_to_wandb(config, table, table_csv)
     from lsgs.report import write_summary
 
     write_summary(Path(config.run_dir or Path("runs") / config.name).resolve())

@@ -33,6 +33,7 @@ from lsgs.kmeans import kmeans
 from lsgs.metrics.codebook import usage_statistics
 from lsgs.modules.vqvae import VQVAE
 from lsgs.nn.quantizer import nearest_codes
+from lsgs.progress import progress
 
 # The aggregator's predict_step returns nothing on purpose (it accumulates encodings); Lightning warns otherwise.
 warnings.filterwarnings("ignore", message="predict returned None")
@@ -235,7 +236,7 @@ class CodebookAggregator(LightningModule):
             return {}
         learned = self.codebook.detach().float()
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # l1 before, l1 after, element count
-        for batch in datamodule.val_dataloader():
+        for batch in progress(datamodule.val_dataloader(), "validation L1 before/after", self.trainer.is_global_zero):
             images = batch["image"].to(self.device)
             z_e = self.vqvae.net.encode(images).float()
             for slot, codebook in ((0, learned), (1, self.centroids)):

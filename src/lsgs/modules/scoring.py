@@ -37,6 +37,7 @@ from lsgs.nn.restoration import (
     restore_global,
     smooth_anomaly_map,
 )
+from lsgs.progress import progress
 from lsgs.reporting import write_evaluation_outputs
 
 METRIC_REGIONS = ("all", "roi")
@@ -166,7 +167,7 @@ class AnomalyMapModule(LightningModule, abc.ABC):
                     f"calibration phase {phase!r} needs images, but {type(datamodule).__name__}'s {split} split "
                     f"is empty{hint}; scoring sets its thresholds on normal images held back from training"
                 )
-            for batch in _progress(loader, f"calibration ({phase})", self.trainer.is_global_zero):
+            for batch in progress(loader, f"calibration ({phase})", self.trainer.is_global_zero):
                 batch = move_data_to_device(batch, self.device)
                 with torch.no_grad():
                     if phase == "threshold":
@@ -449,11 +450,3 @@ def _gather_lists(module: LightningModule, items: list[Any]) -> list[Any]:
     gathered: list[Any] = [None] * module.trainer.world_size
     torch.distributed.all_gather_object(gathered, items)
     return [item for part in gathered for item in part]
-
-
-def _progress(iterable: Any, description: str, enabled: bool) -> Any:
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=description, leave=False, dynamic_ncols=True)

@@ -14,6 +14,7 @@ from lsgs.checkpoints import VQVAE_KIND, checkpoint_metadata, load_checkpoint
 from lsgs.errors import CheckpointError, ConfigError, TrainingDivergedError
 from lsgs.metrics.codebook import CodebookUsage, usage_statistics
 from lsgs.nn.vqvae import VQVAEConfig, VQVAENet
+from lsgs.progress import progress
 from lsgs.viz import image_grid, log_image
 
 # Architecture arguments: taken from `init_from` when they are left at None, and checked against it otherwise.
@@ -241,11 +242,12 @@ class VQVAE(LightningModule):
         was_training = self.training
         self.eval()
         counts = torch.zeros(self.codebook_size, dtype=torch.int64, device=self.device)
-        for batch in datamodule.train_eval_dataloader():
+        show = self.trainer.is_global_zero
+        for batch in progress(datamodule.train_eval_dataloader(), "codebook usage (train)", show):
             indices = self.net.encode_indices(batch["image"].to(self.device))
             counts += torch.bincount(indices.reshape(-1), minlength=self.codebook_size)
         l1 = torch.zeros(2, dtype=torch.float64, device=self.device)  # sum of |x - x_hat|, element count
-        for batch in datamodule.val_dataloader():
+        for batch in progress(datamodule.val_dataloader(), "reconstruction L1 (val)", show):
             images = batch["image"].to(self.device)
             l1[0] += (self.net(images).reconstruction.float() - images).abs().sum().double()
             l1[1] += images.numel()
