@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -36,6 +35,7 @@ from collections.abc import Callable
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import torch
+from machine import cpu_name  # benchmarks/machine.py (scripts run with benchmarks/ on sys.path)
 
 from lsgs.nn.restoration import (
     code_nll,
@@ -50,18 +50,6 @@ from lsgs.nn.transformer import CodeTransformer, CodeTransformerConfig
 from lsgs.nn.vqvae import VQVAEConfig, VQVAENet
 
 STAGES = ("encode", "transformer", "restore", "decode", "map+smooth+score")
-
-
-def cpu_name() -> str:
-    """CPU model from /proc/cpuinfo where available (platform.processor() is often just the architecture)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def to_memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:

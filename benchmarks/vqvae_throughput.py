@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -26,6 +25,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import torch
 import torch.nn.functional as F
+from machine import cpu_name  # benchmarks/machine.py (scripts run with benchmarks/ on sys.path)
 from torch.utils.flop_counter import FlopCounterMode
 
 from lsgs.nn.vqvae import VQVAEConfig, VQVAENet
@@ -68,18 +68,6 @@ def load_average() -> str:
             return f.read().split()[0]
     except OSError:
         return "n/a"
-
-
-def cpu_name() -> str:
-    """CPU model from /proc/cpuinfo where available (platform.processor() is often just the architecture)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def matmul_peak_gflops(dtype: torch.dtype, n: int = 4096, repeats: int = 5) -> float:
