@@ -37,10 +37,10 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import torch
 from machine import cpu_name  # benchmarks/machine.py (scripts run with benchmarks/ on sys.path)
 
+from lsgs.metrics.quantile import score_quantile
 from lsgs.nn.restoration import (
     code_nll,
     image_scores,
-    nll_threshold_from_normals,
     restoration_anomaly_map,
     restore_causal,
     restore_global,
@@ -115,11 +115,12 @@ def build_vqvae(channels_last: bool) -> VQVAENet:
 
 
 def calibration_threshold(
-    vqvae: VQVAENet, transformer: CodeTransformer, images: torch.Tensor, percentile: float = 90.0
+    vqvae: VQVAENet, transformer: CodeTransformer, images: torch.Tensor, quantile: float = 0.9
 ) -> float:
+    """The scoring stage's NLL threshold (``ScoreQuantile`` via ``score_quantile``, its default 20 bits)."""
     with torch.no_grad():
         codes = vqvae.encode_indices(images).flatten(1)
-        return nll_threshold_from_normals(code_nll(transformer(codes), codes), percentile)
+        return score_quantile(code_nll(transformer(codes), codes), quantile)
 
 
 def run_global(args: argparse.Namespace, images: torch.Tensor, calib: torch.Tensor) -> list[str]:

@@ -8,10 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lsgs.metrics.histogram import bin_of_threshold, threshold_of_bin
+from lsgs.metrics.quantile import ScoreQuantile, score_quantile
 from lsgs.nn.restoration import (
     code_nll,
     image_scores,
-    nll_threshold_from_normals,
     per_image_uniforms,
     reconstruction_error_map,
     restoration_anomaly_map,
@@ -121,6 +122,34 @@ def test_restore_global_with_a_real_model():
     restored = restore_global(logits, codes, threshold, 5, generator=gen())
     keep = (nll <= threshold).unsqueeze(1).expand_as(restored)
     assert torch.equal(restored[keep], codes.unsqueeze(1).expand_as(restored)[keep])
+
+
+def test_per_image_thresholds_equal_one_call_per_image():
+    """A [B] threshold tensor (per-category thresholds) acts like B calls with each image's own number."""
+    torch.manual_seed(0)
+    codes = torch.randint(0, K, (3, L), generator=gen())
+    thresholds = torch.tensor([0.5, 2.0, math.inf])
+    noise = per_image_uniforms([1, 2, 3], 4, L)
+    for attention in ("global", "causal"):
+        model = CodeTransformer(
+            CodeTransformerConfig(vocab_size=K, seq_len=L, d_model=16, n_heads=2, attention=attention)
+        ).eval()
+        with torch.no_grad():
+            logits = model(codes)
+
+        def restore(rows, threshold, model=model, logits=logits, attention=attention):
+            if attention == "causal":
+                return restore_causal(model, codes[rows], threshold, 4, uniforms=noise[rows])
+            return restore_global(logits[rows], codes[rows], threshold, 4, uniforms=noise[rows])
+
+        together = restore([0, 1, 2], thresholds)
+        for b in range(3):
+            assert torch.equal(together[b], restore([b], float(thresholds[b]))[0])
+        assert (together[0] != codes[0]).any() and torch.equal(together[2], codes[2].expand(4, L))
+    with pytest.raises(ValueError, match="one per image"):
+        restore_global(logits, codes, thresholds[:2], 4)
+    with pytest.raises(ValueError, match="NaN"):
+        restore_global(logits, codes, torch.tensor([1.0, math.nan, 1.0]), 4)
 
 
 def test_restore_global_errors():
@@ -311,13 +340,13 @@ def test_restoration_anomaly_map_matches_brute_force():
 def test_weights_and_map_errors():
     x_hat, ys = torch.rand(2, 3, 4, 4), torch.rand(2, 5, 3, 4, 4)
     for fn in (restoration_weights, restoration_anomaly_map):
-        with pytest.raises(ValueError, match="expected reconstruction"):
+        with pytest.raises(ValueError, match="expected reference"):
             fn(x_hat[0], ys)
-        with pytest.raises(ValueError, match="expected reconstruction"):
+        with pytest.raises(ValueError, match="expected reference"):
             fn(x_hat, ys[:, 0])
-        with pytest.raises(ValueError, match="expected reconstruction"):
+        with pytest.raises(ValueError, match="expected reference"):
             fn(x_hat, ys[:, :, :1])
-        with pytest.raises(ValueError, match="expected reconstruction"):
+        with pytest.raises(ValueError, match="expected reference"):
             fn(x_hat[:1], ys)
         for k in (0.0, -1.0, math.inf, math.nan):
             with pytest.raises(ValueError, match="k must be"):
@@ -404,17 +433,24 @@ def test_image_scores_is_the_max():
         image_scores(amap[0])
 
 
-def test_nll_threshold_matches_numpy_percentile():
+def test_nll_threshold_is_the_streamed_score_quantile():
+    """The one NLL-threshold implementation: numpy's lower quantile at its histogram bin edge, the same whether
+    the NLLs come at once (benchmarks, tests) or batch by batch (the scoring stage's ScoreQuantile)."""
     nll = torch.rand(50, L, generator=gen()) * 6
-    for q in (0.0, 12.5, 50.0, 90.0, 99.9, 100.0):
-        assert nll_threshold_from_normals(nll, q) == pytest.approx(np.percentile(nll.numpy(), q), rel=1e-6)
-    assert nll_threshold_from_normals(torch.tensor([3.0]), 90.0) == 3.0
-    with pytest.raises(ValueError, match="percentile"):
-        nll_threshold_from_normals(nll, 101.0)
-    with pytest.raises(ValueError, match="empty"):
-        nll_threshold_from_normals(torch.zeros(0), 90.0)
-    with pytest.raises(ValueError, match="NaN or inf"):
-        nll_threshold_from_normals(torch.tensor([1.0, math.inf]), 90.0)
+    for q in (0.0, 0.5, 0.9, 0.999, 1.0):
+        lower = float(np.quantile(nll.numpy(), q, method="lower"))
+        expected = threshold_of_bin(bin_of_threshold(lower, 16), 16)
+        assert score_quantile(nll, q, num_bits=16) == expected
+        streamed = ScoreQuantile(num_bits=16)
+        for chunk in nll.split(7):
+            streamed.update(chunk)
+        assert streamed.quantile(q) == expected
+    assert score_quantile(torch.tensor([3.0]), 0.9) == 3.0
+    assert math.isnan(score_quantile(torch.zeros(0), 0.9))
+    with pytest.raises(ValueError, match="quantile"):
+        score_quantile(nll, 1.01)
+    with pytest.raises(ValueError, match="finite"):
+        score_quantile(torch.tensor([1.0, math.inf]), 0.9)
 
 
 # ------------------------------------------------------------------------------- per-image uniforms

@@ -86,3 +86,26 @@ class ScoreQuantile(ZeroStateMixin, Metric):
             ConfigError: when ``q`` is outside [0, 1].
         """
         return quantile_from_histogram(synced_states(self)["hist"], q, self.num_bits)
+
+
+def score_quantile(scores: Tensor, q: float, num_bits: int = DEFAULT_NUM_BITS) -> float:
+    """The ``q`` quantile of one tensor of scores, exactly as ``ScoreQuantile`` computes it from a stream.
+
+    This is the one implementation of the thresholds set from validation normals (pixel threshold, image
+    threshold, restoration NLL threshold): the scoring stage streams batches into ``ScoreQuantile``; benchmarks
+    and tests that hold all the scores at once call this, and get the same number.
+
+    Args:
+        scores: ``[*]`` finite float scores, e.g. ``[N, L]`` code NLLs of validation normals.
+        q: quantile in [0, 1].
+        num_bits: histogram resolution (the scoring stage uses its ``metric_bits``).
+
+    Returns:
+        numpy's ``method="lower"`` quantile rounded down to its bin's lower edge (``nan`` for no scores).
+
+    Raises:
+        ConfigError: on ``q`` outside [0, 1] or a bad ``num_bits``; DataError: on NaN/inf scores.
+    """
+    metric = ScoreQuantile(q=q, num_bits=num_bits, sync_on_compute=False).to(scores.device)
+    metric.update(scores)
+    return metric.quantile(q)

@@ -5,8 +5,9 @@ Scoring follows Naval Marimont & Tarroni (ISBI 2021), which the LSGS paper cites
 1. ``code_nll``: negative log-likelihood of every code of a test image under the transformer prior.
 2. ``restore_global`` / ``restore_causal``: codes whose NLL exceeds a threshold are resampled from the
    prior, n times independently, giving n restored code maps (decoded by the caller into ``Y_1..Y_n``).
-3. ``restoration_anomaly_map``: ``AS = sum_i w_i |X_hat - Y_i|``, ``w = softmax_i(k / mean|X_hat - Y_i|)``,
-   where ``X_hat`` decodes the original codes.
+3. ``restoration_anomaly_map``: ``AS = sum_i w_i |R - Y_i|``, ``w = softmax_i(k / mean|R - Y_i|)``, where the
+   reference ``R`` is ``X_hat`` (decoded original codes, paper Eq. 7) or the input ``X`` (Naval Marimont &
+   Tarroni's code).
 4. ``smooth_anomaly_map``: MinPool 3x3 then AvgPool 7x7; ``image_scores``: the maximum of the map.
 
 ``reconstruction_error_map`` is the no-transformer ablation (VQ-VAE reconstruction error alone).
@@ -41,9 +42,21 @@ def code_nll(logits: Tensor, codes: Tensor) -> Tensor:
     return F.cross_entropy(logits.float().transpose(1, 2), codes.long(), reduction="none")  # (B, L)
 
 
-def _check_sampling(nll_threshold: float, num_restorations: int, temperature: float) -> None:
-    if math.isnan(nll_threshold):
+def _per_image_thresholds(nll_threshold: float | Tensor, batch: int, device: torch.device) -> Tensor:
+    """A scalar threshold or one per image -> [B, 1] float32 (broadcasts over the L positions)."""
+    thresholds = torch.as_tensor(nll_threshold, dtype=torch.float32, device=device)
+    if thresholds.dim() == 0:
+        thresholds = thresholds.expand(batch)
+    if thresholds.shape != (batch,):
+        raise ValueError(
+            f"nll_threshold must be a number or one per image [{batch}], got {tuple(thresholds.shape)}"
+        )
+    if bool(thresholds.isnan().any()):
         raise ValueError("nll_threshold is NaN; use +inf to resample nothing")
+    return thresholds[:, None]
+
+
+def _check_sampling(num_restorations: int, temperature: float) -> None:
     if isinstance(num_restorations, bool) or not isinstance(num_restorations, int) or num_restorations < 1:
         raise ValueError(f"num_restorations must be a positive int, got {num_restorations!r}")
     if not (temperature > 0 and math.isfinite(temperature)):
@@ -54,7 +67,7 @@ def _check_sampling(nll_threshold: float, num_restorations: int, temperature: fl
 def restore_global(
     logits: Tensor,
     codes: Tensor,
-    nll_threshold: float,
+    nll_threshold: float | Tensor,
     num_restorations: int,
     generator: torch.Generator | None = None,
     temperature: float = 1.0,
@@ -70,7 +83,8 @@ def restore_global(
     Args:
         logits: [B, L, K] output of a global ``CodeTransformer`` on ``codes``.
         codes: [B, L] the image's codes.
-        nll_threshold: resample where ``-log p(code) > nll_threshold``; ``inf`` resamples nothing.
+        nll_threshold: resample where ``-log p(code) > nll_threshold``; ``inf`` resamples nothing. A number, or
+            a [B] tensor with one threshold per image (e.g. per category).
         num_restorations: n >= 1.
         generator: for reproducible draws; on the device of ``logits``.
         temperature: > 0; divides the logits of the resampling distribution (not of the NLL test).
@@ -81,11 +95,12 @@ def restore_global(
     Returns:
         [B, n, L] int64 restored codes.
     """
-    _check_sampling(nll_threshold, num_restorations, temperature)
+    _check_sampling(num_restorations, temperature)
     _check_uniforms(uniforms, (codes.shape[0], num_restorations, codes.shape[1]))
     nll = code_nll(logits, codes)  # (B, L)
+    thresholds = _per_image_thresholds(nll_threshold, codes.shape[0], nll.device)  # (B, 1)
     restored = codes.long().unsqueeze(1).repeat(1, num_restorations, 1)  # (B, n, L)
-    b, pos = (nll > nll_threshold).nonzero(as_tuple=True)  # (M,), (M,)
+    b, pos = (nll > thresholds).nonzero(as_tuple=True)  # (M,), (M,)
     if b.numel():
         probs = F.softmax(logits[b, pos].float() / temperature, dim=-1)  # (M, K)
         noise = uniforms[b, :, pos] if uniforms is not None else None  # (M, n)
@@ -97,7 +112,7 @@ def restore_global(
 def restore_causal(
     model: CodeTransformer,
     codes: Tensor,
-    nll_threshold: float,
+    nll_threshold: float | Tensor,
     num_restorations: int,
     generator: torch.Generator | None = None,
     temperature: float = 1.0,
@@ -115,7 +130,8 @@ def restore_causal(
     Args:
         model: a causal ``CodeTransformer``.
         codes: [B, L] the image's codes, ``L == model.config.seq_len``.
-        nll_threshold: resample where ``-log p(s_i | s_<i) > nll_threshold``; ``inf`` resamples nothing.
+        nll_threshold: resample where ``-log p(s_i | s_<i) > nll_threshold``; ``inf`` resamples nothing. A
+            number or a [B] tensor, as in ``restore_global``.
         num_restorations: n >= 1.
         generator: for reproducible draws; on the model's device.
         temperature: > 0; divides the logits of the resampling distribution (not of the NLL test).
@@ -128,7 +144,7 @@ def restore_causal(
         raise ValueError(
             f"restore_causal needs a causal CodeTransformer, got attention={model.config.attention!r}"
         )
-    _check_sampling(nll_threshold, num_restorations, temperature)
+    _check_sampling(num_restorations, temperature)
     if codes.dim() != 2 or codes.shape[1] != model.config.seq_len:
         raise ValueError(f"codes must be [B, {model.config.seq_len}] for this model, got {codes.shape}")
     check_code_range(codes, model.config.vocab_size)
@@ -136,12 +152,14 @@ def restore_causal(
     _check_uniforms(uniforms, (B, num_restorations, L))
     noise = uniforms.reshape(B * num_restorations, L) if uniforms is not None else None  # rows as seqs
     seqs = codes.long().repeat_interleave(num_restorations, dim=0)  # (B*n, L); rows b*n..b*n+n-1 are image b
+    row_thresholds = _per_image_thresholds(nll_threshold, B, codes.device)[:, 0]  # (B,)
+    row_thresholds = row_thresholds.repeat_interleave(num_restorations)  # (B*n,)
     cache = model.new_kv_cache()
     tokens = torch.full((seqs.shape[0],), model.start_token, dtype=torch.long, device=codes.device)
     for i in range(L):
         logits = model.decode_step(tokens, cache).float()  # (B*n, K) = p(s_i | current s_<i)
         nll = F.cross_entropy(logits, seqs[:, i], reduction="none")  # (B*n,)
-        rows = (nll > nll_threshold).nonzero().squeeze(1)
+        rows = (nll > row_thresholds).nonzero().squeeze(1)
         if rows.numel():
             probs = F.softmax(logits[rows] / temperature, dim=-1)  # (M, K)
             row_noise = noise[rows, i : i + 1] if noise is not None else None  # (M, 1)
@@ -183,15 +201,15 @@ def _draw(probs: Tensor, n: int, generator: torch.Generator | None, noise: Tenso
     return draws.clamp_max(probs.shape[-1] - 1)
 
 
-def _check_restorations(reconstruction: Tensor, restorations: Tensor, k: float) -> None:
+def _check_restorations(reference: Tensor, restorations: Tensor, k: float) -> None:
     if (
-        reconstruction.dim() != 4
+        reference.dim() != 4
         or restorations.dim() != 5
-        or (restorations.shape[:1] + restorations.shape[2:] != reconstruction.shape)
+        or (restorations.shape[:1] + restorations.shape[2:] != reference.shape)
     ):
         raise ValueError(
-            "expected reconstruction [B, C, H, W] and restorations [B, n, C, H, W], got "
-            f"{tuple(reconstruction.shape)} and {tuple(restorations.shape)}"
+            "expected reference [B, C, H, W] and restorations [B, n, C, H, W], got "
+            f"{tuple(reference.shape)} and {tuple(restorations.shape)}"
         )
     if not (k > 0 and math.isfinite(k)):
         raise ValueError(f"k must be a positive finite number, got {k}")
@@ -201,43 +219,48 @@ def _inverse_distance_softmax(distances: Tensor, k: float) -> Tensor:
     """[B, n] distances >= 0 -> [B, n] ``softmax(k / d)``, with its limit where some ``d == 0``."""
     zero = distances == 0
     weights = (k / distances.masked_fill(zero, 1.0)).softmax(dim=1)
-    # As d_i -> 0, k / d_i -> inf: all the weight goes to the restorations equal to X_hat, evenly split.
+    # As d_i -> 0, k / d_i -> inf: all the weight goes to the restorations equal to the reference, evenly split.
     zero_weights = zero.to(distances.dtype) / zero.sum(dim=1, keepdim=True).clamp_min(1)
     return torch.where(zero.any(dim=1, keepdim=True), zero_weights, weights)
 
 
-def restoration_weights(reconstruction: Tensor, restorations: Tensor, k: float = 3.0) -> Tensor:
-    """Weights of the restorations: ``w = softmax_i(k / mean|X_hat - Y_i|)``, mean over C, H, W.
+def restoration_weights(reference: Tensor, restorations: Tensor, k: float = 3.0) -> Tensor:
+    """Weights of the restorations: ``w = softmax_i(k / mean|R - Y_i|)``, mean over C, H, W.
 
     The mean (not the L1 sum) follows Naval Marimont & Tarroni's code, for which k = 3 was chosen.
-    Restorations identical to ``X_hat`` give the limit of the formula: they share all the weight (no NaN).
+    Restorations identical to ``R`` give the limit of the formula: they share all the weight (no NaN).
 
     Args:
-        reconstruction: [B, C, H, W] ``X_hat``, the decoded original codes.
+        reference: [B, C, H, W] ``R``: ``X_hat`` (the decoded original codes, paper Eq. 7) or the input ``X``.
         restorations: [B, n, C, H, W] ``Y_1..Y_n``, the decoded restored codes.
-        k: > 0 sharpness; larger k puts more weight on the restorations closest to ``X_hat``.
+        k: > 0 sharpness; larger k puts more weight on the restorations closest to ``R``.
 
     Returns:
         [B, n] float32 weights, each row summing to 1.
     """
-    _check_restorations(reconstruction, restorations, k)
-    distances = (restorations.float() - reconstruction.float().unsqueeze(1)).abs().mean(dim=(2, 3, 4))
+    _check_restorations(reference, restorations, k)
+    distances = (restorations.float() - reference.float().unsqueeze(1)).abs().mean(dim=(2, 3, 4))
     return _inverse_distance_softmax(distances, k)  # (B, n)
 
 
-def restoration_anomaly_map(reconstruction: Tensor, restorations: Tensor, k: float = 3.0) -> Tensor:
-    """Pixel anomaly score ``AS = sum_i w_i |X_hat - Y_i|``, averaged over channels (paper eq. 7).
+def restoration_anomaly_map(reference: Tensor, restorations: Tensor, k: float = 3.0) -> Tensor:
+    """Pixel anomaly score ``AS = sum_i w_i |R - Y_i|``, averaged over channels, ``w`` from ``restoration_weights``.
+
+    With ``R = X_hat`` this is the paper's Eq. 7. With ``R = X`` (the input image) it is what Naval Marimont &
+    Tarroni's code scores (github.com/snavalm/lsr_mood_challenge_2020, ``docker/scripts/pred.py``: both the
+    per-pixel difference and the softmax weights use ``|x - x_tilde|``); the weights then favour the
+    restorations closest to the input.
 
     Args:
-        reconstruction: [B, C, H, W] ``X_hat``.
+        reference: [B, C, H, W] ``R`` (``X_hat`` or ``X``).
         restorations: [B, n, C, H, W] ``Y_1..Y_n``.
         k: weight sharpness, see ``restoration_weights``.
 
     Returns:
         [B, 1, H, W] float32 anomaly map.
     """
-    _check_restorations(reconstruction, restorations, k)
-    diff = (restorations.float() - reconstruction.float().unsqueeze(1)).abs()  # (B, n, C, H, W)
+    _check_restorations(reference, restorations, k)
+    diff = (restorations.float() - reference.float().unsqueeze(1)).abs()  # (B, n, C, H, W)
     weights = _inverse_distance_softmax(diff.mean(dim=(2, 3, 4)), k)  # (B, n)
     return torch.einsum("bn,bnchw->bhw", weights, diff).unsqueeze(1) / diff.shape[2]  # (B, 1, H, W)
 
@@ -302,28 +325,3 @@ def image_scores(anomaly_map: Tensor) -> Tensor:
     if anomaly_map.dim() != 4:
         raise ValueError(f"anomaly_map must be [B, C, H, W], got {tuple(anomaly_map.shape)}")
     return anomaly_map.flatten(1).amax(dim=1)
-
-
-def nll_threshold_from_normals(nll: Tensor, percentile: float = 90.0) -> float:
-    """The restoration threshold as a percentile of code NLLs on validation normals (DESIGN §3).
-
-    Args:
-        nll: any shape, e.g. [N, L], the ``code_nll`` of validation normal images.
-        percentile: in [0, 100]; linear interpolation between order statistics, as ``numpy.percentile``.
-
-    Returns:
-        The threshold as a Python float.
-    """
-    if not 0.0 <= percentile <= 100.0:
-        raise ValueError(f"percentile must be in [0, 100], got {percentile}")
-    values = nll.detach().flatten().double()
-    if values.numel() == 0:
-        raise ValueError("nll is empty: cannot set a threshold without validation NLLs")
-    if not bool(torch.isfinite(values).all()):
-        raise ValueError("nll contains NaN or inf values")
-    # Sort-based rather than torch.quantile, which refuses inputs above 16M elements (e.g. 70k images x 256).
-    values = values.sort().values
-    rank = percentile / 100.0 * (values.numel() - 1)
-    lo = math.floor(rank)
-    hi = min(lo + 1, values.numel() - 1)
-    return float(values[lo] + (rank - lo) * (values[hi] - values[lo]))
