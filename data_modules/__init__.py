@@ -15,6 +15,7 @@ _EXPORTS = {
     "ImageFolderDataModule": "data_modules.folder",
     "MVTEC_CATEGORIES": "data_modules.mvtec",
     "MVTecDataModule": "data_modules.mvtec",
+    "MVTec3DDataModule": "data_modules.mvtec3d",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -8,7 +8,7 @@ files (readme, license) are ignored; .png/.jpg/.jpeg/.bmp/.tif(f) are accepted i
 from __future__ import annotations
 
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +28,7 @@ GOOD = "good"
 
 @dataclass(frozen=True)
 class MVTecSample:
-    """One image of a category: its split ("train"/"test"), defect type ("good" = normal) and mask file."""
+    """One image of a category: its split ("train"/"val"/"test"), defect type ("good" = normal) and mask file."""
 
     path: Path
     split: str
@@ -40,28 +40,34 @@ class MVTecSample:
         return int(self.defect != GOOD)
 
 
-def find_categories(root: Path) -> list[str]:
-    """Category directories under `root` that have a `train/good` directory, sorted by name.
+def find_categories(root: Path, marker: str = "train/good", dataset: str = "MVTec") -> list[str]:
+    """Category directories under `root` that have a `marker` directory (`train/good`), sorted by name.
+
+    `marker` and `dataset` (used in messages) let layouts with another marker (MVTec 3D-AD) share this.
 
     Raises:
         DataNotFoundError: `root` is not a directory.
     """
     if not root.is_dir():
-        raise DataNotFoundError(f"MVTec root {root} does not exist or is not a directory")
-    return sorted(p.name for p in root.iterdir() if image_io.is_visible(p) and (p / "train" / GOOD).is_dir())
+        raise DataNotFoundError(f"{dataset} root {root} does not exist or is not a directory")
+    return sorted(p.name for p in root.iterdir() if image_io.is_visible(p) and (p / marker).is_dir())
 
 
-def resolve_categories(root: Path, category: str | list[str]) -> list[str]:
+def resolve_categories(
+    root: Path, category: str | list[str], marker: str = "train/good", dataset: str = "MVTec"
+) -> list[str]:
     """The categories selected by `category` ("all", one name, or a list), in the order given.
+
+    `marker` and `dataset` as in `find_categories`.
 
     Raises:
         DataNotFoundError: the root is missing, "all" finds nothing, or a name is not a category under root.
         ConfigError: an empty selection or a repeated name.
     """
-    found = find_categories(root)
+    found = find_categories(root, marker, dataset)
     if category == "all":
         if not found:
-            raise DataNotFoundError(f"{root}: no category directory with a train/good folder found")
+            raise DataNotFoundError(f"{root}: no category directory with a {marker} folder found")
         return found
     names = [category] if isinstance(category, str) else list(category)
     if not names:
@@ -71,7 +77,7 @@ def resolve_categories(root: Path, category: str | list[str]) -> list[str]:
     for name in names:
         if name not in found:
             raise DataNotFoundError(
-                f"MVTec category {name!r} not found under {root} (a category has <root>/<name>/train/good); "
+                f"{dataset} category {name!r} not found under {root} (a category has <root>/<name>/{marker}); "
                 f"valid categories found: {found or 'none'}"
             )
     return names
@@ -136,21 +142,34 @@ def decode_sample(sample: MVTecSample, size: int) -> tuple[np.ndarray, np.ndarra
     return image, image_io.read_mask(sample.mask_path, size, original)
 
 
-def build_category_cache(root: Path, category: str, size: int, cache_root: Path) -> Path:
+def build_category_cache(
+    root: Path,
+    category: str,
+    size: int,
+    cache_root: Path,
+    samples: list[MVTecSample] | None = None,
+    kind: str = "mvtec",
+    decode: Callable[[MVTecSample, int], tuple[np.ndarray, np.ndarray]] | None = None,
+) -> Path:
     """Validate one category and return its (possibly freshly built) cache entry.
 
     The entry holds images.npy [N, size, size, 3] uint8, masks.npy [N, size, size] uint8 and index.json
     with one record per row (path, split, defect, label), train/good rows first.
+
+    `samples` (default: `scan_category`), `kind` (cache-key namespace) and `decode` (default: `decode_sample`)
+    let other MVTec-like layouts (MVTec 3D-AD) reuse this.
     """
-    samples = scan_category(root, category)
+    if samples is None:
+        samples = scan_category(root, category)
+    decode_fn = decode or decode_sample  # looked up at call time, so tests can patch decode_sample
     files = [s.path for s in samples] + [s.mask_path for s in samples if s.mask_path is not None]
     config = {"category": category, "image_size": size, "resize": "pil-bilinear+nearest"}
-    key = cache_key("mvtec", root, config, files)
+    key = cache_key(kind, root, config, files)
 
     def build(tmp: Path) -> None:
         images = NpyStreamWriter(tmp / "images.npy", (size, size, 3), np.uint8)
         masks = NpyStreamWriter(tmp / "masks.npy", (size, size), np.uint8)
-        for image, mask in image_io.parallel_map(lambda s: decode_sample(s, size), samples, decode_workers()):
+        for image, mask in image_io.parallel_map(lambda s: decode_fn(s, size), samples, decode_workers()):
             images.append(image[None])
             masks.append(mask[None])
         images.close()
@@ -232,7 +251,9 @@ class MVTecDataModule(AnomalyDataModule):
             rng = np.random.default_rng([self.seed, zlib.crc32(category.encode())])
             perm = rng.permutation(train_rows)
             n_val = n_holdout(len(train_rows), self.val_fraction)
-            val_rows = np.sort(perm[:n_val])
+            # Rows recorded as "val" are official validation normals (MVTec 3D-AD); MVTec AD has none.
+            official_val = [i for i, r in enumerate(records) if r["split"] == "val"]
+            val_rows = np.concatenate([np.sort(perm[:n_val]), np.asarray(official_val, dtype=np.int64)])
             fit_rows = np.sort(perm[n_val:])
             test_rows = [i for i, r in enumerate(records) if r["split"] == "test"]
             for split, rows in (("train", fit_rows), ("val", val_rows), ("test", test_rows)):

@@ -2,7 +2,7 @@
 
     python -m data_modules.synthetic --out data/demo [--seed 0]
 
-writes `<out>/mvtec` and `<out>/brats`. Each data set is written into a temporary sibling directory and
+writes `<out>/mvtec`, `<out>/mvtec3d` and `<out>/brats`. Each data set is written into a temporary sibling directory and
 renamed into place, with a hidden marker `.lsgs-demo.json` (generator version + parameters) written last; a
 complete copy with the same parameters is left untouched, so the command is idempotent. The same seed
 gives byte-identical files: PNGs carry no metadata and the NIfTI volumes are gzipped with mtime 0 and no
@@ -19,6 +19,11 @@ Test defects, one directory each (every mask equals the set of pixels the defect
     color          a colour stain
     contamination  a foreign blob with its own texture
 plus test/good.
+
+MVTec 3D-AD-style categories (`write_mvtec3d_demo`, RGB only): the same renderers and defects in the layout
+`<cat>/{train,validation}/good/rgb/*.png`, `<cat>/test/<defect>/{rgb,gt}/*.png` (test/good with all-zero gt),
+4:3 images (the renders with the top and bottom eighths cut, like the release's 800x600 images), masks storing a
+class id per defect (252-255) instead of 255, and no xyz/.
 
 BraTS-style cases: `<root>/{HGG,LGG}/<case>/<case>_{flair,seg}.nii.gz`, 240x240x155 int16 FLAIR by default: a
 skull-stripped brain-like ellipsoid (zero background) with cortex/white-matter contrast, sulci, a midline
@@ -396,6 +401,84 @@ def write_mvtec_demo(
     return _write_dataset(root, params, fill)
 
 
+# Class ids stored in MVTec 3D-AD-style masks (the release stores e.g. 253 for "hole", never a plain 255 only).
+MVTEC3D_MASK_VALUES = {"color": 252, "hole": 253, "scratch": 254, "contamination": 255}
+
+
+def write_mvtec3d_demo(
+    root: str | Path,
+    seed: int = 0,
+    categories: Sequence[str] = ("nut",),
+    n_train: int = 60,
+    n_val: int = 10,
+    n_test_good: int = 10,
+    n_test_per_defect: int = 5,
+    size: int = 256,
+) -> Path:
+    """Write an MVTec 3D-AD-style RGB data set at `root` (see the module docstring).
+
+    Args:
+        root: output directory (created atomically).
+        seed: master seed; every image depends on its category, split, defect and index only.
+        categories: subset of DEMO_CATEGORIES.
+        n_train: train/good images per category.
+        n_val: validation/good images per category.
+        n_test_good: test/good images per category.
+        n_test_per_defect: test images per defect type per category.
+        size: rendered side in pixels; images are size wide and size - 2 * (size // 8) high.
+
+    Returns:
+        `root`.
+    """
+    for name in categories:
+        if name not in RENDERERS:
+            raise ConfigError(f"unknown demo category {name!r}; expected some of {DEMO_CATEGORIES}")
+    if size < 32:
+        raise ConfigError(f"demo image size must be >= 32, got {size}")
+    params = {
+        "kind": "mvtec3d", "seed": seed, "categories": list(categories), "n_train": n_train, "n_val": n_val,
+        "n_test_good": n_test_good, "n_test_per_defect": n_test_per_defect, "size": size,
+    }  # fmt: skip
+    rows = slice(size // 8, size - size // 8)  # 4:3 crop; the objects and their defects lie inside it
+
+    def rgb(image: np.ndarray) -> np.ndarray:
+        return np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image
+
+    def write_one(tmp: Path, category: str, split: str, defect: str, i: int) -> None:
+        rng = _rng(seed, "mvtec3d", category, split, defect, i)
+        image, body, underlay = RENDERERS[category](rng, size)
+        folder = tmp / category / split / defect
+        mask = np.zeros((size, size), bool)
+        if defect == "good":
+            out = _to_u8(image)
+        else:
+            inside = np.zeros_like(body)
+            inside[rows] = body[rows]  # defects of textures (body everywhere) must land inside the crop
+            out, mask = paint_defect(category, defect, rng, image, inside, underlay)
+        _save_png(folder / "rgb" / f"{i:03d}.png", rgb(out[rows]))
+        if split == "test":
+            value = MVTEC3D_MASK_VALUES.get(defect, 0)
+            _save_png(folder / "gt" / f"{i:03d}.png", mask[rows].astype(np.uint8) * np.uint8(value))
+
+    def fill(tmp: Path) -> None:
+        jobs = []
+        for category in categories:
+            counts = [
+                ("train", "good", n_train),
+                ("validation", "good", n_val),
+                ("test", "good", n_test_good),
+            ]
+            counts += [("test", d, n_test_per_defect) for d in DEFECTS]
+            for split, defect, count in counts:
+                for sub in ("rgb", "gt") if split == "test" else ("rgb",):
+                    (tmp / category / split / defect / sub).mkdir(parents=True)
+                jobs += [(category, split, defect, i) for i in range(count)]
+        for _ in parallel_map(lambda job: write_one(tmp, *job), jobs, _workers()):
+            pass
+
+    return _write_dataset(root, params, fill)
+
+
 # --------------------------------------------------------------------------------------------- BraTS
 def _ellipsoid_distance(shape: Sequence[int], center: Sequence[float], radii: Sequence[float]) -> np.ndarray:
     """sqrt(sum_i ((x_i - c_i) / r_i)^2) on the voxel grid, by broadcasting 1-D axes; [X, Y, Z] float32."""
@@ -512,6 +595,7 @@ def write_brats_demo(
 
 SMALL_MVTEC = {"n_train": 8, "n_test_good": 2, "n_test_per_defect": 1, "size": 64}
 SMALL_BRATS = {"n_hgg": 3, "n_lgg": 1, "shape": (64, 64, 40)}
+SMALL_MVTEC3D = {"n_train": 8, "n_val": 2, "n_test_good": 2, "n_test_per_defect": 1, "size": 64}
 
 
 def write_demo(out: str | Path, seed: int = 0, small: bool = False) -> tuple[Path, Path]:
@@ -536,7 +620,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     mvtec, brats = write_demo(args.out, seed=args.seed, small=args.small)
-    print(f"demo data ready in {time.perf_counter() - start:.1f} s: {mvtec} {brats}")
+    mvtec3d = write_mvtec3d_demo(
+        Path(args.out) / "mvtec3d", seed=args.seed, **(SMALL_MVTEC3D if args.small else {})
+    )
+    print(f"demo data ready in {time.perf_counter() - start:.1f} s: {mvtec} {mvtec3d} {brats}")
     return 0
 
 

@@ -16,6 +16,10 @@ import pytest
 # HGG + LGG cases with healthy and tumour slices), small enough to build in a few seconds.
 DEMO_MVTEC_KWARGS = {"seed": 0, "n_train": 16, "n_test_good": 2, "n_test_per_defect": 2, "size": 128}
 DEMO_BRATS_KWARGS = {"seed": 0, "n_hgg": 6, "n_lgg": 2, "shape": (96, 96, 48)}
+DEMO_MVTEC3D_KWARGS = {
+    "seed": 0, "categories": ("fabric", "nut"), "n_train": 8, "n_val": 3, "n_test_good": 2,
+    "n_test_per_defect": 2, "size": 128,
+}  # fmt: skip
 
 
 @pytest.fixture(scope="session")
@@ -35,6 +39,16 @@ def demo_brats_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from data_modules.synthetic import write_brats_demo
 
     return write_brats_demo(tmp_path_factory.mktemp("demo") / "brats", **DEMO_BRATS_KWARGS)
+
+
+@pytest.fixture(scope="session")
+def demo_mvtec3d_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MVTec 3D-AD-layout demo data (fabric, nut; 8 train + 3 validation + 10 test images each, 128x96 px,
+    masks storing 252-255). Read-only: tests that need to alter files copy it first.
+    """
+    from data_modules.synthetic import write_mvtec3d_demo
+
+    return write_mvtec3d_demo(tmp_path_factory.mktemp("demo") / "mvtec3d", **DEMO_MVTEC3D_KWARGS)
 
 
 @pytest.fixture(scope="session")

@@ -183,6 +183,31 @@ class TestMVTecContract(DataModuleContract):
         assert dm.hparams["category"] == ["nut"]
 
 
+class TestMVTec3DContract(DataModuleContract):
+    num_channels = 3
+    max_empty_anomalous = 0.1
+    decoders = ("data_modules.mvtec3d.decode_sample_3d", "data_modules.image_io.read_image")
+
+    @pytest.fixture
+    def root(self, demo_mvtec3d_root: Path) -> Path:
+        return demo_mvtec3d_root
+
+    def make(self, root: Path, cache: Path, **kwargs) -> AnomalyDataModule:
+        from data_modules import MVTec3DDataModule
+
+        kwargs = {"image_size": IMAGE_SIZE, "batch_size": 8, **kwargs}
+        return MVTec3DDataModule(str(root), cache_dir=str(cache), **kwargs)
+
+    def test_splits_deterministic_for_seed(self, root: Path, data_cache_dir: Path) -> None:
+        # Overrides the base test: validation is the official validation/good, so no split depends on the seed.
+        def splits(seed: int) -> tuple:
+            dm = self.make(root, data_cache_dir, seed=seed)
+            return tuple(tuple(dm.dataset(s).items) for s in ("train", "val", "test"))
+
+        assert splits(0) == splits(7)
+        assert all("/validation/good/rgb/" in item.path for item in splits(0)[1])
+
+
 class TestBraTSContract(DataModuleContract):
     num_channels = 1
     max_empty_anomalous = 0.0  # BraTS labels are defined by the resized mask
