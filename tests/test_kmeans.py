@@ -10,6 +10,9 @@ import lsgs.kmeans as km
 from lsgs.errors import ConfigError
 from lsgs.kmeans import KMeansResult, faiss_gpu_available, kmeans, kmeans_plusplus, torch_kmeans
 
+EXPECTED_BACKEND = "faiss-gpu" if faiss_gpu_available() else "faiss-cpu"
+NO_GPU_REASON = "this FAISS has no GPU (faiss-cpu build, or faiss-gpu with no CUDA device visible)"
+
 
 def blobs(n_per=100, k=6, d=5, spread=0.1, sep=20.0, seed=0):
     """Well-separated Gaussian blobs: ``[k * n_per, d]`` points, ``[k, d]`` means, ``[k * n_per]`` labels."""
@@ -36,7 +39,8 @@ class TestFaissKMeans:
         assert isinstance(r, KMeansResult)
         assert r.centroids.shape == (6, 5) and r.centroids.dtype == torch.float32
         assert r.centroids.device.type == "cpu"
-        assert r.backend == "faiss-cpu"
+        # Any FAISS build: the automatic choice is the GPU exactly when this FAISS has one.
+        assert r.backend == EXPECTED_BACKEND
         assert 1 <= r.iterations <= 10 and r.seconds > 0
         assert r.inertia == pytest.approx(brute_inertia(x, r.centroids), rel=1e-4)
 
@@ -96,13 +100,27 @@ class TestGpuSelection:
         expected = hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
         assert faiss_gpu_available() == expected
 
-    @pytest.mark.skipif(faiss_gpu_available(), reason="needs a CPU-only FAISS")
-    def test_cpu_only_faiss(self):
+    def test_cpu_is_available_in_every_build(self):
         x, _, _ = blobs(seed=9)
-        assert kmeans(x, 6, use_gpu=None).backend == "faiss-cpu"
         assert kmeans(x, 6, use_gpu=False).backend == "faiss-cpu"
+        assert kmeans(x, 6, use_gpu=None).backend == EXPECTED_BACKEND
+
+    def test_asking_for_a_missing_gpu_is_a_config_error(self):
+        if faiss_gpu_available():
+            pytest.skip("this FAISS has a GPU: use_gpu=True is valid here")
+        x, _, _ = blobs(seed=9)
         with pytest.raises(ConfigError, match="use_gpu=True but FAISS has no GPU"):
             kmeans(x, 6, use_gpu=True)
+
+    def test_gpu_matches_cpu(self):
+        if not faiss_gpu_available():
+            pytest.skip(NO_GPU_REASON)
+        x, means, _ = blobs(n_per=80, k=10, d=6, seed=4)
+        init = means + 1.0  # same start on both devices: Lloyd's must end at the same (blob-mean) fixed point
+        gpu, cpu = kmeans(x, 10, init=init, use_gpu=True), kmeans(x, 10, init=init, use_gpu=False)
+        assert gpu.backend == "faiss-gpu" and gpu.centroids.device.type == "cpu"
+        torch.testing.assert_close(gpu.centroids, cpu.centroids, rtol=1e-4, atol=1e-4)
+        assert gpu.inertia == pytest.approx(cpu.inertia, rel=1e-4)
 
     def test_resolution(self, monkeypatch):
         monkeypatch.setattr(km, "faiss_gpu_available", lambda: True)
