@@ -23,9 +23,10 @@ import lsgs.modules.scoring as scoring_module
 from data_modules import MVTecDataModule
 from lsgs.errors import CheckpointError, ConfigError
 from lsgs.metrics.histogram import bin_of_threshold, threshold_of_bin
+from lsgs.metrics.quantile import score_quantile
 from lsgs.modules import CodebookAggregator, GlobalTransformer, ScoringModule
 from lsgs.modules.aggregator import AGGREGATED_CHECKPOINT
-from lsgs.nn.restoration import smooth_anomaly_map
+from lsgs.nn.restoration import code_nll, smooth_anomaly_map
 from lsgs.reporting import RESULTS_FILES
 
 BITS = 16
@@ -261,7 +262,8 @@ def test_outputs_are_written(scored: Scored) -> None:
             }
             batch["index"] = torch.tensor([i])
             maps, _ = module.anomaly_map(batch)
-            assert float(rows[i]["score"]) == pytest.approx(float(maps.max()), rel=1e-6)
+            # rel 1e-5: the decoder batch differs (1 image here, 8 in the test pass), so float sums do too.
+            assert float(rows[i]["score"]) == pytest.approx(float(maps.max()), rel=1e-5)
             assert int(rows[i]["label"]) == item["label"] and rows[i]["category"] == item["category"]
 
 
@@ -424,3 +426,195 @@ def test_two_process_ddp_on_odd_splits_equals_the_single_process_run(
     assert sorted(p.name for p in (tmp_path / "ddp" / "heatmaps").iterdir()) == sorted(
         p.name for p in (tmp_path / "single" / "heatmaps").iterdir()
     )
+
+
+# ----------------------------------------------------------------------------------------------- scoring options
+def brute_force_map(
+    images: torch.Tensor, x_hat: torch.Tensor, ys: torch.Tensor, reference: str, k: float, weight: float
+) -> torch.Tensor:
+    """``sum_i w_i mean_c|R - Y_i| + weight * mean_c|X - X_hat|``, ``w = softmax(k / mean|R - Y_i|)``, by loops
+    in float64 over images and restorations (R = X_hat or X)."""
+    images, x_hat, ys = images.double(), x_hat.double(), ys.double()
+    out = torch.zeros(images.shape[0], 1, *images.shape[2:], dtype=torch.float64)
+    for b in range(images.shape[0]):
+        ref = x_hat[b] if reference == "reconstruction" else images[b]
+        scores = [k / float((ref - ys[b, i]).abs().mean()) for i in range(ys.shape[1])]
+        exps = [math.exp(s - max(scores)) for s in scores]
+        for i in range(ys.shape[1]):
+            out[b, 0] += exps[i] / sum(exps) * (ref - ys[b, i]).abs().mean(0)
+        out[b, 0] += weight * (images[b] - x_hat[b]).abs().mean(0)
+    return out
+
+
+@pytest.mark.parametrize(("reference", "weight"), [("reconstruction", 0.0), ("input", 0.0), ("input", 0.7)])
+def test_map_reference_and_reconstruction_weight_match_brute_force(
+    reference: str,
+    weight: float,
+    models: Models,
+    datamodule: MVTecDataModule,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    module = ScoringModule(
+        str(models.vqvae),
+        str(models.global_transformer),
+        num_restorations=3,
+        map_reference=reference,
+        reconstruction_weight=weight,
+        softmax_k=2.0,
+    )
+    module.calibration = {"nll_threshold": 2.0}
+    restorations: list[torch.Tensor] = []
+    original = scoring_module.restore_global
+    monkeypatch.setattr(
+        scoring_module,
+        "restore_global",
+        lambda *a, **kw: restorations.append(original(*a, **kw)) or restorations[-1],
+    )
+    batch = next(iter(datamodule.test_dataloader()))
+    batch = {key: value[:3] for key, value in batch.items()}
+    with torch.no_grad():
+        raw, _ = module.raw_anomaly_map(batch)
+        net = module.vqvae.net
+        codes = net.encode_indices(batch["image"])  # [B, h, w]
+        x_hat = net.decode_indices(codes)
+        restored = restorations[-1]  # [B, n, L]
+        assert (restored != codes.flatten(1)[:, None]).any()  # some codes were resampled
+        ys = torch.stack(
+            [net.decode_indices(r.reshape(-1, *codes.shape[1:])) for r in restored]
+        )  # [B, n, C, H, W]
+    expected = brute_force_map(batch["image"], x_hat, ys, reference, 2.0, weight)
+    torch.testing.assert_close(raw.double(), expected, atol=1e-5, rtol=1e-5)
+    if reference == "input":  # the input reference really changes the map
+        paper = brute_force_map(batch["image"], x_hat, ys, "reconstruction", 2.0, 0.0)
+        assert (expected - paper).abs().max() > 1e-2
+
+
+def test_a_fixed_nll_threshold_skips_the_nll_pass_and_is_used(
+    models: Models, demo_mvtec_root: Path, data_cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    datamodule = mvtec_datamodule(demo_mvtec_root, data_cache_dir, cls=InstrumentedMVTec)
+    module = RecordingScoring(
+        str(models.vqvae), str(models.global_transformer), num_restorations=2, nll_threshold=3.5,
+        metric_bits=BITS, compute_aupro=False,
+    )  # fmt: skip
+    used: list[torch.Tensor] = []
+    original = scoring_module.restore_global
+
+    def spy(
+        logits: torch.Tensor, codes: torch.Tensor, threshold: Any, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        used.append(torch.as_tensor(threshold))
+        return original(logits, codes, threshold, *args, **kwargs)
+
+    monkeypatch.setattr(scoring_module, "restore_global", spy)
+    make_trainer().test(module, datamodule=datamodule, verbose=False)
+    assert module.calibration["nll_threshold"] == 3.5 and "nll_quantile" not in module.calibration
+    # Only the pixel-threshold pass read the validation normals: no NLL pass.
+    assert module.calibration_reads == {"test": 0, "val": len(datamodule.dataset("val"))}
+    assert used and all(bool((t == 3.5).all()) for t in used)
+    assert module.results["method_info"]["nll_threshold"] == 3.5
+
+
+def test_per_category_nll_thresholds(
+    models: Models, datamodule: MVTecDataModule, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each category's threshold is the quantile of its own validation normals' NLLs, and each test image is
+    restored with the threshold of its category."""
+    module = ScoringModule(
+        str(models.vqvae), str(models.global_transformer), num_restorations=2, nll_quantile=0.7,
+        nll_threshold_scope="category", metric_bits=BITS, compute_aupro=False,
+    )  # fmt: skip
+    seen: list[tuple[list[str], torch.Tensor]] = []
+    original_thresholds = ScoringModule.nll_thresholds
+
+    def spy(self: ScoringModule, batch: dict[str, Any]) -> torch.Tensor:
+        seen.append((list(batch["category"]), original_thresholds(self, batch)))
+        return seen[-1][1]
+
+    monkeypatch.setattr(ScoringModule, "nll_thresholds", spy)
+    make_trainer().test(module, datamodule=datamodule, verbose=False)
+    thresholds = module.calibration["nll_thresholds"]
+    assert "nll_threshold" not in module.calibration
+    nlls: dict[str, list[np.ndarray]] = {}
+    with torch.no_grad():
+        for batch in datamodule.val_dataloader():
+            codes = module.vqvae.net.encode_indices(batch["image"]).flatten(1)
+            log_probs = F.log_softmax(module.transformer(codes).double(), dim=-1)
+            nll = -log_probs.gather(-1, codes[..., None])[..., 0].float().numpy()
+            for row, category in zip(nll, batch["category"]):
+                nlls.setdefault(category, []).append(row)
+    assert sorted(thresholds) == sorted(nlls) == ["fabric", "mesh", "nut"]
+    expected = {c: bin_edge_quantile(np.concatenate(rows), 0.7) for c, rows in nlls.items()}
+    assert thresholds == expected
+    assert len(set(expected.values())) > 1  # the categories really differ
+    test_categories = [c for categories, _ in seen for c in categories]
+    assert len(test_categories) >= TEST_IMAGES  # every test image went through the lookup
+    for categories, values in seen:
+        assert values.tolist() == [expected[c] for c in categories]
+
+
+class NoNutValidation(MVTecDataModule):
+    """The demo data without the validation normals of category 'nut'."""
+
+    def _make_splits(self, entries: list[Path]) -> dict[str, list]:
+        splits = dict(super()._make_splits(entries))
+        splits["val"] = [item for item in splits["val"] if item.category != "nut"]
+        return splits
+
+
+def test_a_test_category_without_validation_normals_is_a_config_error(
+    models: Models, demo_mvtec_root: Path, data_cache_dir: Path
+) -> None:
+    datamodule = mvtec_datamodule(demo_mvtec_root, data_cache_dir, cls=NoNutValidation)
+    module = ScoringModule(
+        str(models.vqvae), str(models.global_transformer), num_restorations=2,
+        nll_threshold_scope="category", metric_bits=BITS,
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match=r"test category \['nut'\] has no validation normals"):
+        make_trainer().test(module, datamodule=datamodule, verbose=False)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"map_reference": "image"}, "map_reference='image' is not one of"),
+        ({"reconstruction_weight": -0.5}, "reconstruction_weight must be a finite number >= 0, got -0.5"),
+        ({"reconstruction_weight": math.inf}, "reconstruction_weight must be a finite number >= 0"),
+        ({"nll_threshold": -1.0}, "nll_threshold must be null or a number of nats >= 0, got -1.0"),
+        ({"nll_threshold": math.nan}, "nll_threshold must be null or a number"),
+        ({"nll_threshold_scope": "image"}, "nll_threshold_scope='image' is not one of"),
+    ],
+)
+def test_bad_scoring_options(kwargs: dict[str, Any], match: str, models: Models) -> None:
+    with pytest.raises(ConfigError, match=match):
+        ScoringModule(str(models.vqvae), str(models.global_transformer), **kwargs)
+
+
+def test_bf16_mixed_calibration_runs_in_the_precision_of_the_test_maps(
+    models: Models, datamodule: MVTecDataModule
+) -> None:
+    """Under precision='bf16-mixed', the NLL and pixel thresholds equal the quantiles of NLLs and maps computed
+    under bf16 autocast (as test_step computes its maps), not of fp32 ones."""
+    module = ScoringModule(
+        str(models.vqvae), str(models.global_transformer), num_restorations=3, nll_quantile=0.8,
+        val_quantile=0.9, metric_bits=BITS, compute_aupro=False,
+    )  # fmt: skip
+    make_trainer(precision="bf16-mixed").test(module, datamodule=datamodule, verbose=False)
+    calibration = module.calibration
+
+    def references(autocast: bool) -> tuple[float, float]:
+        reference = ScoringModule(str(models.vqvae), str(models.global_transformer), num_restorations=3)
+        nlls, pixels = [], []
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            for batch in datamodule.val_dataloader():
+                flat, logits, _ = reference.encode_batch(batch)
+                nlls.append(code_nll(logits, flat))
+            reference.calibration = {"nll_threshold": score_quantile(torch.cat(nlls), 0.8, BITS)}
+            for batch in datamodule.val_dataloader():
+                maps, _ = reference.anomaly_map(batch)
+                pixels.append(maps[batch["roi"] > 0.5])
+        return reference.calibration["nll_threshold"], score_quantile(torch.cat(pixels), 0.9, BITS)
+
+    bf16 = references(autocast=True)
+    assert (calibration["nll_threshold"], calibration["val_threshold"]) == bf16
+    assert references(autocast=False) != bf16  # fp32 maps would have given other thresholds

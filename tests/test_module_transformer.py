@@ -158,6 +158,7 @@ def test_vocabulary_and_length_come_from_the_vqvae_checkpoint(
         ({"tamper_ratio": 1.0}, r"tamper_ratio must be in \(0, 1\), got 1.0"),
         ({"tamper_ratio": -0.1}, r"tamper_ratio must be in \(0, 1\), got -0.1"),
         ({"tamper_ratio": 1.5}, r"tamper_ratio must be in \(0, 1\), got 1.5"),
+        ({"loss_reduction": "max"}, r"model.loss_reduction must be one of \('sum', 'mean'\), got 'max'"),
     ],
 )
 def test_bad_settings_are_config_errors(kwargs: dict[str, Any], match: str, vqvae_checkpoint: Path) -> None:
@@ -225,3 +226,34 @@ def test_a_non_finite_loss_stops_training(
     trainer = make_trainer(tmp_path, max_epochs=1, limit_val_batches=0)
     with pytest.raises(TrainingDivergedError, match=r"epoch 0, step 1; lower model.lr \(now 0.003\)"):
         trainer.fit(model, datamodule=datamodule)
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+@pytest.mark.parametrize("attention", ["global", "causal"])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_the_training_loss_follows_loss_reduction(
+    attention: str, reduction: str, vqvae_checkpoint: Path, datamodule: MVTecDataModule
+) -> None:
+    """training_step's loss equals Eq. 6 (or plain CE) computed directly from the net's logits and the tampering."""
+    model = GlobalTransformer(str(vqvae_checkpoint), attention=attention, loss_reduction=reduction, **SMALL)
+    model.eval()  # dropout is 0 anyway; eval keeps the forward deterministic
+    data = datamodule.dataset("train_eval")
+    indices = [0, 3, 8]
+    batch = {"image": torch.stack([data[i]["image"] for i in indices]), "index": torch.tensor(indices)}
+    loss = model.training_step(batch, 0)
+    codes = model.encode(batch["image"])  # [B, L]
+    with torch.no_grad():
+        if attention == "global":
+            tampered, mask = model._tamper(codes, batch["index"], 0)
+            ce = F.cross_entropy(
+                model.net(tampered).double().transpose(1, 2), codes, reduction="none"
+            )  # [B, L]
+            beta = model.hparams.beta
+            if reduction == "sum":
+                expected = ((1 - beta) * (ce * mask).sum(1) + beta * (ce * ~mask).sum(1)).mean()
+            else:
+                expected = (1 - beta) * ce[mask].mean() + beta * ce[~mask].mean()
+        else:
+            ce = F.cross_entropy(model.net(codes).double().transpose(1, 2), codes, reduction="none")
+            expected = ce.sum(1).mean() if reduction == "sum" else ce.mean()
+    assert loss.item() == pytest.approx(float(expected), rel=1e-5)

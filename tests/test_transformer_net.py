@@ -12,6 +12,7 @@ from lsgs.nn.transformer import (
     CodeTransformer,
     CodeTransformerConfig,
     check_code_range,
+    next_code_loss,
     tamper_codes,
     tampering_loss,
 )
@@ -328,27 +329,55 @@ def test_tamper_codes_edge_ratios_and_errors():
         tamper_codes(codes, 5)
 
 
-def hand_tampering_loss(logits, targets, mask, beta):
-    tampered, clean = [], []
+def hand_tampering_loss(logits, targets, mask, beta, reduction="mean"):
+    """Eq. 6 by loops: ``sum``: per image (1-beta)·Σ_T CE + beta·Σ_U CE, averaged over images; ``mean``: the
+    mean CE over all tampered / untampered positions of the batch."""
+    tampered, clean, per_image = [], [], []
     for b in range(logits.shape[0]):
+        image_t, image_u = 0.0, 0.0
         for i in range(logits.shape[1]):
             row = logits[b, i].double().tolist()
             log_z = math.log(sum(math.exp(v) for v in row))
             ce = log_z - row[targets[b, i]]
             (tampered if mask[b, i] else clean).append(ce)
+            if mask[b, i]:
+                image_t += ce
+            else:
+                image_u += ce
+        per_image.append((1 - beta) * image_t + beta * image_u)
+    if reduction == "sum":
+        return sum(per_image) / len(per_image)
     mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
     return (1 - beta) * mean(tampered) + beta * mean(clean)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("beta", [0.01, 0.0, 0.5, 1.0])
-def test_tampering_loss_equals_hand_computation(beta):
+def test_tampering_loss_equals_hand_computation(beta, reduction):
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(3, L, K, generator=gen) * 2
     targets = torch.randint(0, K, (3, L), generator=gen)
     mask = torch.rand(3, L, generator=gen) < 0.3
-    loss = tampering_loss(logits, targets, mask, beta=beta)
+    loss = tampering_loss(logits, targets, mask, beta=beta, reduction=reduction)
     assert loss.shape == () and loss.dtype == torch.float32
-    assert loss.item() == pytest.approx(hand_tampering_loss(logits, targets, mask, beta), rel=1e-5)
+    expected = hand_tampering_loss(logits, targets, mask, beta, reduction)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    other = hand_tampering_loss(logits, targets, mask, beta, "sum" if reduction == "mean" else "mean")
+    assert abs(expected - other) > 0.1 * abs(expected)  # the two reductions really differ
+
+
+def test_next_code_loss_equals_hand_computation():
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, L, K, generator=gen)
+    targets = torch.randint(0, K, (3, L), generator=gen)
+    ce = [
+        [-torch.log_softmax(logits[b, i].double(), 0)[targets[b, i]].item() for i in range(L)]
+        for b in range(3)
+    ]
+    assert next_code_loss(logits, targets, "sum").item() == pytest.approx(sum(map(sum, ce)) / 3, rel=1e-5)
+    assert next_code_loss(logits, targets).item() == pytest.approx(sum(map(sum, ce)) / (3 * L), rel=1e-5)
+    with pytest.raises(ValueError, match="loss_reduction must be one of"):
+        next_code_loss(logits, targets, "max")
 
 
 def test_tampering_loss_empty_sets_bf16_and_gradient():
@@ -379,5 +408,7 @@ def test_tampering_loss_errors():
         tampering_loss(logits, targets, mask.long())
     with pytest.raises(ValueError, match="beta"):
         tampering_loss(logits, targets, mask, beta=1.5)
+    with pytest.raises(ValueError, match=r"loss_reduction must be one of \('sum', 'mean'\), got 'none'"):
+        tampering_loss(logits, targets, mask, reduction="none")
     with pytest.raises(ValueError, match="targets"):
         tampering_loss(logits, targets + K, mask)

@@ -10,6 +10,9 @@ harness, so every method's numbers come out of exactly the same code.
 from __future__ import annotations
 
 import abc
+import math
+from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,7 @@ from lsgs.errors import CheckpointError, ConfigError
 from lsgs.io import read_json
 from lsgs.metrics import AnomalyMetrics, ScoreQuantile
 from lsgs.metrics.histogram import pr_curve_from_histograms, roc_curve_from_histograms
+from lsgs.metrics.image import image_scores_from_maps
 from lsgs.modules.transformer import load_code_transformer
 from lsgs.modules.vqvae import VQVAE
 from lsgs.nn.restoration import (
@@ -169,7 +173,9 @@ class AnomalyMapModule(LightningModule, abc.ABC):
                 )
             for batch in progress(loader, f"calibration ({phase})", self.trainer.is_global_zero):
                 batch = move_data_to_device(batch, self.device)
-                with torch.no_grad():
+                # The precision context test_step/predict_step run in (autocast under bf16-mixed): the
+                # thresholds must be set on maps of the same precision as the maps they are applied to.
+                with torch.no_grad(), self._step_precision_context():
                     if phase == "threshold":
                         self._threshold_step(batch)
                     else:
@@ -183,6 +189,11 @@ class AnomalyMapModule(LightningModule, abc.ABC):
                 self.finish_calibration(phase)
         rank_zero_info(f"[lsgs] calibration on validation normals: {self.calibration}")
         return self.calibration
+
+    def _step_precision_context(self) -> Any:
+        """The context Lightning runs ``test_step`` (or ``predict_step``) in, e.g. autocast for bf16-mixed."""
+        plugin = self.trainer.precision_plugin
+        return plugin.predict_step_context() if self.trainer.predicting else plugin.test_step_context()
 
     def _threshold_step(self, batch: dict[str, Any]) -> None:
         maps, _ = self.anomaly_map(batch)
@@ -211,7 +222,17 @@ class AnomalyMapModule(LightningModule, abc.ABC):
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         maps, pictures = self.anomaly_map(batch)
         valid = batch["roi"] > 0.5 if self.metric_region == "roi" else None
-        self.metrics.update(maps, batch["mask"], batch["label"], list(batch["category"]), valid=valid)
+        metric_scores = None
+        has_mask = batch.get("has_mask")
+        if has_mask is not None and not bool(has_mask.all()):
+            # Anomalous images without ground truth (FolderDataModule, allow_missing_masks): their all-zero
+            # mask means "unknown", not "no defect", so they count for the image metrics only.
+            metric_scores = image_scores_from_maps(maps, valid)
+            keep = has_mask.to(maps.device).view(-1, 1, 1, 1).expand_as(maps)
+            valid = keep if valid is None else valid & keep
+        self.metrics.update(
+            maps, batch["mask"], batch["label"], list(batch["category"]), valid=valid, image_scores=metric_scores
+        )
         scores = image_scores(maps)
         for i, index in enumerate(batch["index"].tolist()):
             self._image_rows.append(
@@ -288,20 +309,79 @@ class AnomalyMapModule(LightningModule, abc.ABC):
         return None
 
 
+MAP_REFERENCES = ("reconstruction", "input")
+NLL_THRESHOLD_SCOPES = ("all", "category")
+
+
+class ScoringCache:
+    """Memo of the parts of ``ScoringModule``'s maps that its scoring options do not change.
+
+    ``lsgs study scoring`` re-scores one run under many settings; with a cache attached (``module.cache``), the
+    codes, transformer logits and ``X_hat`` of a batch are computed once for all settings, and the decoded
+    restorations once per restoration setting (thresholds, n, temperature, seed). Entries are keyed by the batch's
+    image paths and slice indices, so they are only reused for the very same batch; the values are what the
+    module would compute, so a cached run gives exactly the uncached numbers.
+
+    Memory: ``N * (L * K + C * H * W) * 4`` bytes for the base entries of N images (always kept), plus at most
+    ``max_restoration_bytes`` of decoded restorations (oldest evicted first; ``N * n * C * H * W * 4`` bytes
+    per restoration setting).
+    """
+
+    def __init__(self, max_restoration_bytes: int = 2 * 2**30) -> None:
+        self.max_restoration_bytes = max_restoration_bytes
+        self.base: dict[Any, Any] = {}
+        self.restorations: OrderedDict[Any, torch.Tensor] = OrderedDict()
+        self.restoration_bytes = 0
+        self.hits = 0
+
+    def get_base(self, key: Any, compute: Callable[[], Any]) -> Any:
+        if key not in self.base:
+            self.base[key] = compute()
+        else:
+            self.hits += 1
+        return self.base[key]
+
+    def get_restorations(self, key: Any, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if key in self.restorations:
+            self.hits += 1
+            return self.restorations[key]
+        value = compute()
+        size = value.numel() * value.element_size()
+        while self.restorations and self.restoration_bytes + size > self.max_restoration_bytes:
+            _, old = self.restorations.popitem(last=False)
+            self.restoration_bytes -= old.numel() * old.element_size()
+        if size <= self.max_restoration_bytes:
+            self.restorations[key] = value
+            self.restoration_bytes += size
+        return value
+
+
 class ScoringModule(AnomalyMapModule):
     """LSGS scoring: restoration of implausible codes by the transformer, restoration error as anomaly map.
 
-    For a test image with codes s: the transformer gives -log p(s_i | context) per position; positions above the
-    NLL threshold (``nll_quantile`` of the NLLs of validation normals) are resampled ``num_restorations`` times;
-    the original and all restored code maps are decoded in one batch; the map is
-    ``AS = Σ_i w_i |X̂ - Y_i|``, ``w = softmax_i(k / mean|X̂ - Y_i|)`` (paper Eq. 7). Without a transformer
-    (``transformer_checkpoint=None``, the "w/o" row of Table 4) the map is the VQ-VAE reconstruction error.
+    For a test image X with codes s: the transformer gives -log p(s_i | context) per position; positions above the
+    NLL threshold are resampled ``num_restorations`` times; ``X_hat`` (the decoded original codes) and the
+    restorations ``Y_1..Y_n`` are decoded; the map is ``AS = Σ_i w_i |R - Y_i| + λ |X - X_hat|`` (means over
+    channels), ``w = softmax_i(k / mean|R - Y_i|)``, with the reference ``R = X_hat`` (paper Eq. 7) or ``R = X``.
+    Without a transformer (``transformer_checkpoint=None``, the "w/o" row of Table 4) the map is the VQ-VAE
+    reconstruction error ``|X - X_hat|`` and ``map_reference`` / ``reconstruction_weight`` have no effect.
 
     Args:
         vqvae_checkpoint: the (fine-tuned) VQ-VAE.
         transformer_checkpoint: the transformer trained on that VQ-VAE's codes; None = no transformer.
         num_restorations: n (default 15).
-        nll_quantile: quantile of validation-normal code NLLs used as the resampling threshold (default 0.9).
+        nll_quantile: quantile of validation-normal code NLLs used as the resampling threshold (default 0.9);
+            used when ``nll_threshold`` is None.
+        nll_threshold: a fixed resampling threshold in nats (>= 0; ``inf`` resamples nothing) instead of the
+            validation quantile; then no NLL calibration pass runs and ``nll_threshold_scope`` has no effect.
+        nll_threshold_scope: ``all``: one quantile over the validation normals of every category pooled;
+            ``category``: each test image uses the quantile of its own category's validation normals (a test
+            category without validation normals is a ``ConfigError``).
+        map_reference: ``reconstruction`` (``|X_hat - Y_i|``, paper Eq. 7, default) or ``input``
+            (``|X - Y_i|``, as Naval Marimont & Tarroni's code); the softmax weights use the same reference:
+            ``k / mean|X - Y_i|`` for ``input``, as in that code.
+        reconstruction_weight: λ >= 0, weight of the VQ-VAE reconstruction error ``|X - X_hat|`` added to the
+            map (default 0: the paper's map).
         softmax_k: k of the restoration weights (default 3).
         temperature: sampling temperature of the resampling distribution.
         seed: seed of the resampling (per image, from its dataset index, so DDP sharding does not matter).
@@ -316,6 +396,10 @@ class ScoringModule(AnomalyMapModule):
         transformer_checkpoint: str | None = None,
         num_restorations: int = 15,
         nll_quantile: float = 0.9,
+        nll_threshold: float | None = None,
+        nll_threshold_scope: str = "all",
+        map_reference: str = "reconstruction",
+        reconstruction_weight: float = 0.0,
         softmax_k: float = 3.0,
         temperature: float = 1.0,
         seed: int = 0,
@@ -328,7 +412,22 @@ class ScoringModule(AnomalyMapModule):
             raise ConfigError(f"model.num_restorations must be >= 1, got {num_restorations}")
         if not 0.0 < nll_quantile < 1.0:
             raise ConfigError(f"model.nll_quantile must be in (0, 1), got {nll_quantile}")
+        if nll_threshold is not None and not nll_threshold >= 0.0:  # also rejects NaN
+            raise ConfigError(
+                f"model.nll_threshold must be null or a number of nats >= 0, got {nll_threshold}"
+            )
+        if nll_threshold_scope not in NLL_THRESHOLD_SCOPES:
+            raise ConfigError(
+                f"model.nll_threshold_scope={nll_threshold_scope!r} is not one of {NLL_THRESHOLD_SCOPES}"
+            )
+        if map_reference not in MAP_REFERENCES:
+            raise ConfigError(f"model.map_reference={map_reference!r} is not one of {MAP_REFERENCES}")
+        if not (reconstruction_weight >= 0.0 and math.isfinite(reconstruction_weight)):
+            raise ConfigError(
+                f"model.reconstruction_weight must be a finite number >= 0, got {reconstruction_weight}"
+            )
         self.save_hyperparameters()
+        self.cache: ScoringCache | None = None  # set by `lsgs study scoring`
         self.vqvae = VQVAE.from_checkpoint(vqvae_checkpoint, "model.vqvae_checkpoint")
         self.vqvae.requires_grad_(False)
         self.transformer = None
@@ -353,59 +452,143 @@ class ScoringModule(AnomalyMapModule):
     def num_image_channels(self) -> int:
         return int(self.vqvae.hparams.in_channels)
 
+    # ------------------------------------------------------------------------------------------- NLL threshold
     @override
     def calibration_phases(self) -> list[tuple[str, str]]:
-        return [("nll", "val")] if self.transformer is not None else []
+        if self.transformer is None:
+            return []
+        if self.hparams.nll_threshold is not None:
+            self.calibration["nll_threshold"] = float(self.hparams.nll_threshold)
+            return []
+        return [("nll", "val")]
+
+    def _nll_categories(self) -> list[str]:
+        """Categories that get their own NLL quantile: the evaluated ones (the same list on every DDP rank)."""
+        datamodule = self.trainer.datamodule
+        return list(getattr(datamodule, "test_categories", None) or [])
+
+    def _new_nll_quantiles(self) -> dict[str, ScoreQuantile]:
+        names = ["all"] if self.hparams.nll_threshold_scope == "all" else self._nll_categories()
+        return {name: ScoreQuantile(num_bits=self.metric_bits).to(self.device) for name in names}
 
     @override
     def calibrate_step(self, phase: str, batch: dict[str, Any]) -> None:
-        if not hasattr(self, "_nll_quantile"):
-            self._nll_quantile = ScoreQuantile(num_bits=self.metric_bits).to(self.device)
-        codes = self.vqvae.net.encode_indices(batch["image"]).flatten(1)  # [B, L]
-        self._nll_quantile.update(code_nll(self.transformer(codes), codes))
+        if not hasattr(self, "_nll_quantiles"):
+            self._nll_quantiles = self._new_nll_quantiles()
+        flat, logits, _ = self.encode_batch(batch)
+        nll = code_nll(logits, flat)  # [B, L]
+        if self.hparams.nll_threshold_scope == "all":
+            self._nll_quantiles["all"].update(nll)
+            return
+        categories = list(batch["category"])
+        for name, quantile in self._nll_quantiles.items():
+            rows = [i for i, category in enumerate(categories) if category == name]
+            if rows:
+                quantile.update(nll[rows])
 
     @override
     def finish_calibration(self, phase: str) -> None:
-        if not hasattr(self, "_nll_quantile"):  # this DDP rank got no validation image; it must still sync
-            self._nll_quantile = ScoreQuantile(num_bits=self.metric_bits).to(self.device)
-        self.calibration["nll_threshold"] = self._nll_quantile.quantile(self.hparams.nll_quantile)
-        self.calibration["nll_quantile"] = self.hparams.nll_quantile
-        del self._nll_quantile
+        if not hasattr(self, "_nll_quantiles"):  # this DDP rank got no validation image; it must still sync
+            self._nll_quantiles = self._new_nll_quantiles()
+        q = self.hparams.nll_quantile
+        thresholds = {
+            name: quantile.quantile(q) for name, quantile in self._nll_quantiles.items()
+        }  # collective
+        del self._nll_quantiles
+        self.calibration["nll_quantile"] = q
+        if self.hparams.nll_threshold_scope == "all":
+            self.calibration["nll_threshold"] = thresholds["all"]
+            return
+        missing = [name for name, value in thresholds.items() if math.isnan(value)]
+        if missing:
+            raise ConfigError(
+                f"model.nll_threshold_scope=category: test categor{'y' if len(missing) == 1 else 'ies'} "
+                f"{missing} ha{'s' if len(missing) == 1 else 've'} no validation normals to set its NLL threshold"
+                " from; use nll_threshold_scope=all"
+            )
+        self.calibration["nll_thresholds"] = thresholds
+
+    def nll_thresholds(self, batch: dict[str, Any]) -> torch.Tensor:
+        """``[B]`` resampling threshold of each image of ``batch`` (its category's under scope ``category``)."""
+        size = len(batch["image"])
+        if "nll_thresholds" not in self.calibration:
+            return torch.full((size,), float(self.calibration["nll_threshold"]), device=self.device)
+        table = self.calibration["nll_thresholds"]
+        unknown = sorted({c for c in batch["category"] if c not in table})
+        if unknown:
+            raise ConfigError(
+                f"model.nll_threshold_scope=category: no NLL threshold for categor{'y' if len(unknown) == 1 else 'ies'}"
+                f" {unknown} (calibrated: {sorted(table)})"
+            )
+        return torch.tensor([float(table[c]) for c in batch["category"]], device=self.device)
+
+    # ------------------------------------------------------------------------------------------- maps
+    def encode_batch(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """What no scoring option changes: codes ``[B, L]``, transformer logits ``[B, L, K]`` (None without a
+        transformer) and ``X_hat`` ``[B, C, H, W]``; memoised in ``self.cache`` when one is attached."""
+
+        def compute() -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+            codes = self.vqvae.net.encode_indices(batch["image"])  # [B, h, w]
+            flat = codes.flatten(1)  # [B, L]
+            logits = self.transformer(flat) if self.transformer is not None else None  # [B, L, K]
+            return flat, logits, self.vqvae.net.decode_indices(codes)
+
+        if self.cache is None:
+            return compute()
+        return self.cache.get_base(("base", *_batch_key(batch)), compute)
+
+    def decode_restorations(
+        self, batch: dict[str, Any], flat: torch.Tensor, logits: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Resample the codes above the NLL threshold n times and decode them: ``[B, n, C, H, W]``."""
+        n = self.hparams.num_restorations
+        thresholds = self.nll_thresholds(batch)  # [B]
+
+        def compute() -> torch.Tensor:
+            batch_size, length = flat.shape
+            # Noise seeded per image (by dataset index): results do not depend on batching or DDP sharding.
+            seeds = [int(self.hparams.seed) * 1_000_003 + int(i) for i in batch["index"]]
+            noise = per_image_uniforms(seeds, n, length, self.device)
+            temperature = self.hparams.temperature
+            if self.attention == "global":
+                restored = restore_global(
+                    logits, flat, thresholds, n, temperature=temperature, uniforms=noise
+                )
+            else:
+                restored = restore_causal(
+                    self.transformer, flat, thresholds, n, temperature=temperature, uniforms=noise
+                )
+            height, width = self.vqvae.code_grid
+            # All n restorations of the batch through the decoder in one call: [B * n, C, H, W].
+            decoded = self.vqvae.net.decode_indices(restored.reshape(batch_size * n, height, width))
+            return decoded.reshape(batch_size, n, *decoded.shape[1:])
+
+        if self.cache is None:
+            return compute()
+        key = (
+            "restorations",
+            *_batch_key(batch),
+            tuple(thresholds.tolist()),
+            n,
+            self.hparams.temperature,
+            self.hparams.seed,
+        )
+        return self.cache.get_restorations(key, compute)
 
     @torch.no_grad()
     @override
     def raw_anomaly_map(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         images = batch["image"]
-        net = self.vqvae.net
-        codes = net.encode_indices(images)  # [B, h, w]
-        batch_size, height, width = codes.shape
+        flat, logits, reconstruction = self.encode_batch(batch)
         if self.transformer is None:
-            reconstruction = net.decode_indices(codes)
             return reconstruction_error_map(images, reconstruction), {"reconstruction": reconstruction}
-        flat = codes.flatten(1)  # [B, L]
-        threshold = self.calibration["nll_threshold"]
-        n = self.hparams.num_restorations
-        # Noise seeded per image (by dataset index): results do not depend on batching or DDP sharding.
-        seeds = [int(self.hparams.seed) * 1_000_003 + int(i) for i in batch["index"]]
-        noise = per_image_uniforms(seeds, n, flat.shape[1], self.device)
-        if self.attention == "global":
-            restored = restore_global(
-                self.transformer(flat),
-                flat,
-                threshold,
-                n,
-                temperature=self.hparams.temperature,
-                uniforms=noise,
+        restorations = self.decode_restorations(batch, flat, logits)  # [B, n, C, H, W]
+        reference = reconstruction if self.hparams.map_reference == "reconstruction" else images
+        anomaly = restoration_anomaly_map(reference, restorations, self.hparams.softmax_k)  # [B, 1, H, W]
+        if self.hparams.reconstruction_weight:
+            anomaly = anomaly + self.hparams.reconstruction_weight * reconstruction_error_map(
+                images.float(), reconstruction.float()
             )
-        else:
-            restored = restore_causal(
-                self.transformer, flat, threshold, n, temperature=self.hparams.temperature, uniforms=noise
-            )
-        # The original and all n restorations through the decoder in one batch: [B * (n + 1), C, H, W].
-        all_codes = torch.cat([flat[:, None], restored], dim=1).reshape(batch_size * (n + 1), height, width)
-        decoded = net.decode_indices(all_codes).reshape(batch_size, n + 1, *images.shape[1:])
-        reconstruction, restorations = decoded[:, 0], decoded[:, 1:]
-        anomaly = restoration_anomaly_map(reconstruction, restorations, self.hparams.softmax_k)
         return anomaly, {"reconstruction": reconstruction, "restoration": restorations[:, 0]}
 
     @override
@@ -415,7 +598,16 @@ class ScoringModule(AnomalyMapModule):
             "num_restorations": self.hparams.num_restorations,
             "softmax_k": self.hparams.softmax_k,
             "nll_quantile": self.hparams.nll_quantile,
+            "nll_threshold": self.hparams.nll_threshold,
+            "nll_threshold_scope": self.hparams.nll_threshold_scope,
+            "map_reference": self.hparams.map_reference,
+            "reconstruction_weight": self.hparams.reconstruction_weight,
         }
+
+
+def _batch_key(batch: dict[str, Any]) -> tuple[Any, ...]:
+    """Identity of a batch's images (paths and slice indices), for ``ScoringCache``."""
+    return tuple(batch["path"]), tuple(int(i) for i in batch["slice_index"])
 
 
 def select_panel_indices(dataset: Any, per_category: int, seed: int) -> set[int]:

@@ -14,7 +14,14 @@ from typing_extensions import override
 from lsgs.checkpoints import TRANSFORMER_KIND, checkpoint_metadata, load_checkpoint, state_fingerprint
 from lsgs.errors import ConfigError, TrainingDivergedError
 from lsgs.modules.vqvae import VQVAE
-from lsgs.nn.transformer import CodeTransformer, CodeTransformerConfig, tamper_codes, tampering_loss
+from lsgs.nn.transformer import (
+    CodeTransformer,
+    CodeTransformerConfig,
+    check_reduction,
+    next_code_loss,
+    tamper_codes,
+    tampering_loss,
+)
 
 ATTENTION_CHOICES = ("global", "causal", "none")
 
@@ -35,6 +42,9 @@ class GlobalTransformer(LightningModule):
         d_model, n_layers, n_heads, mlp_ratio, dropout: transformer size (paper: 768, 12, 12, 4, -).
         tamper_ratio: fraction of positions replaced by random codes (paper: 0.1); global only.
         beta: weight of the untampered positions in the loss (paper: 0.01); global only.
+        loss_reduction: ``sum`` (paper Eq. 6: CE summed over the tampered and the untampered positions of each
+            image, averaged over the batch) or ``mean`` (mean CE over each set; the untampered term then weighs
+            less); see ``tampering_loss``. The causal model's CE uses the same reduction.
         lr: peak AdamW learning rate, reached after ``warmup_steps`` and decayed by cosine to ``lr/10``.
         weight_decay: AdamW weight decay on weight matrices (not on biases, norms, embeddings).
         warmup_steps: linear warm-up steps.
@@ -53,6 +63,7 @@ class GlobalTransformer(LightningModule):
         dropout: float = 0.1,
         tamper_ratio: float = 0.1,
         beta: float = 0.01,
+        loss_reduction: str = "mean",
         lr: float = 3e-4,
         weight_decay: float = 0.01,
         warmup_steps: int = 100,
@@ -70,6 +81,10 @@ class GlobalTransformer(LightningModule):
             )
         if not 0.0 < tamper_ratio < 1.0:
             raise ConfigError(f"model.tamper_ratio must be in (0, 1), got {tamper_ratio}")
+        try:
+            check_reduction(loss_reduction)
+        except ConfigError as error:
+            raise ConfigError(f"model.{error}") from None
         self.save_hyperparameters()
         self.vqvae = VQVAE.from_checkpoint(vqvae_checkpoint, "model.vqvae_checkpoint")
         self.vqvae.requires_grad_(False)
@@ -113,7 +128,7 @@ class GlobalTransformer(LightningModule):
             epoch = self.current_epoch if stage == "train" else -1
             tampered, mask = self._tamper(codes, batch["index"], epoch)
             logits = self.net(tampered)
-            loss = tampering_loss(logits, codes, mask, self.hparams.beta)
+            loss = tampering_loss(logits, codes, mask, self.hparams.beta, self.hparams.loss_reduction)
             correct = logits.argmax(-1) == codes
             metrics = {
                 "loss": loss,
@@ -122,7 +137,7 @@ class GlobalTransformer(LightningModule):
             }
         else:
             logits = self.net(codes)
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), codes.reshape(-1))
+            loss = next_code_loss(logits, codes, self.hparams.loss_reduction)
             metrics = {"loss": loss, "acc": (logits.argmax(-1) == codes).float().mean()}
         if stage == "train" and not torch.isfinite(loss):
             raise TrainingDivergedError(

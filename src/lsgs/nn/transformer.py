@@ -337,18 +337,31 @@ def tamper_codes(
     return codes.scatter(1, positions, replacement), mask
 
 
-def tampering_loss(logits: Tensor, targets: Tensor, tampered_mask: Tensor, beta: float = 0.01) -> Tensor:
+LOSS_REDUCTIONS = ("sum", "mean")
+
+
+def tampering_loss(
+    logits: Tensor, targets: Tensor, tampered_mask: Tensor, beta: float = 0.01, reduction: str = "mean"
+) -> Tensor:
     """The paper's "abnormally focal" loss (eq. 6): ``(1 - beta) * CE(tampered) + beta * CE(untampered)``.
 
-    The paper writes sums over positions; this uses means over the respective positions (pooled over the
-    batch), because sums make the loss, and so the effective learning rate, scale with the sequence length,
-    the batch size and the tampering ratio. A term over an empty set of positions (ratio 0 or 1) counts as 0.
+    ``reduction="sum"`` is Eq. 6 as written: per image, the CE summed over its tampered positions and over its
+    untampered positions, ``(1 - beta) * sum_T CE + beta * sum_U CE``; these per-image sums are averaged over the
+    batch, so the loss does not grow with the batch size or the number of DDP ranks. No further normaliser is
+    needed for a stable learning rate: AdamW divides each gradient by its running RMS, so a constant factor in
+    the loss (here about L, the sequence length) does not change the step size. What ``sum`` changes is the
+    balance of the two terms: with L = 256, ratio 0.1 and beta = 0.01, the untampered term weighs
+    ``0.01 * 230 / (0.99 * 26)`` ~ 9% of the tampered one.
+    ``reduction="mean"``: means over the respective positions (pooled over the batch), so each term is an
+    average CE and the untampered term weighs ``beta / (1 - beta)`` ~ 1% of the tampered one. A term over an
+    empty set of positions (ratio 0 or 1) counts as 0 in both.
 
     Args:
         logits: [B, L, K] model output on the tampered sequence.
         targets: [B, L] original (untampered) codes.
         tampered_mask: [B, L] bool, True where the input was tampered.
         beta: weight of the untampered term, in [0, 1] (paper: 0.01).
+        reduction: ``sum`` (paper Eq. 6, per image, averaged over the batch) or ``mean``.
 
     Returns:
         Scalar loss (float32).
@@ -362,11 +375,35 @@ def tampering_loss(logits: Tensor, targets: Tensor, tampered_mask: Tensor, beta:
         raise ValueError(f"tampered_mask must be a bool tensor, got {tampered_mask.dtype}")
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
+    check_reduction(reduction)
     check_code_range(targets, logits.shape[-1], "targets")
     ce = F.cross_entropy(logits.float().transpose(1, 2), targets.long(), reduction="none")  # (B, L)
     tampered = tampered_mask.to(ce.dtype)
+    if reduction == "sum":
+        per_image = (1.0 - beta) * (ce * tampered).sum(1) + beta * (ce * (1.0 - tampered)).sum(1)  # (B,)
+        return per_image.mean()
     n_tampered = tampered.sum()
     n_clean = tampered.numel() - n_tampered
     ce_tampered = (ce * tampered).sum() / n_tampered.clamp_min(1)
     ce_clean = (ce * (1.0 - tampered)).sum() / n_clean.clamp_min(1)
     return (1.0 - beta) * ce_tampered + beta * ce_clean
+
+
+def next_code_loss(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
+    """Plain cross-entropy of the causal model: ``sum`` = per-image sum over positions averaged over the batch
+    (the same convention as ``tampering_loss``), ``mean`` = mean over all positions.
+
+    Args:
+        logits: [B, L, K]; targets: [B, L].
+
+    Returns:
+        Scalar loss (float32).
+    """
+    check_reduction(reduction)
+    ce = F.cross_entropy(logits.float().transpose(1, 2), targets.long(), reduction="none")  # (B, L)
+    return ce.sum(1).mean() if reduction == "sum" else ce.mean()
+
+
+def check_reduction(reduction: str) -> None:
+    if reduction not in LOSS_REDUCTIONS:
+        raise ConfigError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {reduction!r}")
