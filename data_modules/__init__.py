@@ -12,6 +12,7 @@ _EXPORTS = {
     "AnomalyDataModule": "data_modules.base",
     "BraTSDataModule": "data_modules.brats",
     "EvalDistributedSampler": "data_modules.samplers",
+    "FolderDataModule": "data_modules.folder",
     "ImageFolderDataModule": "data_modules.folder",
     "MVTEC_CATEGORIES": "data_modules.mvtec",
     "MVTecDataModule": "data_modules.mvtec",

@@ -9,6 +9,8 @@ Batch contract (every later stage depends on it). Each item is a dict:
     path         str, the source image / FLAIR file
     slice_index  int, BraTS axial slice index, -1 for 2-D images
     index        int, position of the item in its split's dataset
+    has_mask     bool, False for an anomalous image without ground truth (FolderDataModule with
+                 allow_missing_masks): image label only, left out of the pixel metrics
 with H = W = image_size. The default collate stacks tensors and gives lists for the str fields.
 """
 
@@ -45,6 +47,7 @@ class Item:
     category: str
     path: str
     slice_index: int = -1
+    has_mask: bool = True  # False: anomalous without ground truth (`mask` all zeros, not "no defect")
 
 
 def decode_workers() -> int:
@@ -115,6 +118,7 @@ class CachedDataset(Dataset):
             "path": item.path,
             "slice_index": item.slice_index,
             "index": index,
+            "has_mask": item.has_mask,
         }
 
 

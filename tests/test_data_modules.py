@@ -13,7 +13,7 @@ from data_modules import BraTSDataModule, EvalDistributedSampler, MVTecDataModul
 from data_modules.base import AnomalyDataModule
 
 IMAGE_SIZE = 32
-KEYS = {"image", "mask", "label", "roi", "category", "path", "slice_index", "index"}
+KEYS = {"image", "mask", "label", "roi", "category", "path", "slice_index", "index", "has_mask"}
 
 
 class DataModuleContract:
@@ -55,6 +55,7 @@ class DataModuleContract:
             assert all(isinstance(c, str) for c in batch["category"])
             assert all(Path(p).is_file() for p in batch["path"])
             assert batch["slice_index"].dtype == torch.int64 and batch["index"].dtype == torch.int64
+            assert batch["has_mask"].dtype == torch.bool and batch["has_mask"].shape == (b,)
 
     def test_labels_consistent_with_masks(self, dm: AnomalyDataModule) -> None:
         for split in ("train", "val"):
