@@ -12,6 +12,15 @@ k-means, and write a VQ-VAE checkpoint whose codebook holds the cluster centres.
 3. every rank re-assigns its own vectors to the centres (usage and quantisation error after aggregation) and
    measures validation L1 before/after; the sums are all-reduced;
 4. rank 0 writes ``aggregated.ckpt`` (a normal VQ-VAE checkpoint) and ``aggregation.json`` atomically.
+
+Codebook options of the VQ-VAE (:class:`~lsgs.nn.quantizer.VectorQuantizer`): k-means runs in the space the
+nearest-code search uses, so the centres are valid codes there. With ``lookup_dim`` the clustered vectors are the
+projected encodings (``[N, lookup_dim]``) and the centres replace the ``[K, lookup_dim]`` codebook (the projections
+are kept); with ``l2_normalize`` they are the l2-normalised (projected) encodings, clustered by Euclidean k-means
+(on unit vectors this ranks like cosine k-means), and the learned codebook / centres are normalised at use, exactly
+as the quantizer does. ``quantisation_mse_*`` in the report are therefore measured in that space. The EMA
+statistics (``ema_decay``), usage averages (``dead_code_threshold``) and the k-means-init flag (``kmeans_init``)
+of the written checkpoint restart from the new codebook (:meth:`VectorQuantizer.replace_codebook`).
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ from lsgs.io import atomic_torch_save, atomic_write_json
 from lsgs.kmeans import kmeans
 from lsgs.metrics.codebook import usage_statistics
 from lsgs.modules.vqvae import VQVAE
-from lsgs.nn.quantizer import nearest_codes
+from lsgs.nn.quantizer import VectorQuantizer, nearest_codes
 from lsgs.progress import progress
 
 # The aggregator's predict_step returns nothing on purpose (it accumulates encodings); Lightning warns otherwise.
@@ -96,8 +105,13 @@ class CodebookAggregator(LightningModule):
         self._samples: list[torch.Tensor] = []
 
     @property
+    def quantizer(self) -> VectorQuantizer:
+        return self.vqvae.net.quantizer
+
+    @property
     def codebook(self) -> torch.Tensor:
-        return self.vqvae.net.quantizer.codebook
+        """The learned raw codebook ``[K, C]`` (``C = lookup_dim or D``)."""
+        return self.quantizer.codebook
 
     @override
     def on_predict_start(self) -> None:
@@ -119,6 +133,8 @@ class CodebookAggregator(LightningModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         z_e = self.vqvae.net.encode(batch["image"]).float()  # [B, D, h, w]
         vectors = z_e.permute(0, 2, 3, 1).reshape(z_e.shape[0], -1, z_e.shape[1])  # [B, h*w, D]
+        # The space of the nearest-code search: [B, h*w, C]; the identity unless lookup_dim / l2_normalize.
+        vectors = self.quantizer.to_lookup_space(vectors).float()
         # Kept per batch, not per image: the re-assignment then multiplies [B*h*w, D] blocks by the codebooks,
         # not [h*w, D] ones (2 CPU cores, K = 1024, D = 512: 179 vs 134 GFLOP/s for 8192 vs 256 rows).
         self._vectors.append(vectors.reshape(-1, vectors.shape[-1]).cpu())
@@ -143,7 +159,7 @@ class CodebookAggregator(LightningModule):
         if self.trainer.is_global_zero:
             init: str | torch.Tensor = self.hparams.init
             if init == "codebook":
-                init = self.codebook.detach().float().cpu()
+                init = self.quantizer.effective_codebook().detach().float().cpu()
             rank_zero_info(
                 f"k-means: {samples.shape[0]} of {self._total_vectors} encodings into {self.num_clusters} centres"
             )
@@ -194,7 +210,8 @@ class CodebookAggregator(LightningModule):
 
     def _assignment_statistics(self) -> dict[str, Any]:
         """Usage and mean squared quantisation error of all training encodings, learned vs aggregated codebook."""
-        learned = self.codebook.detach().float()
+        learned = self.quantizer.effective_codebook().detach().float()
+        centroids = self.quantizer.effective_codebook(self.centroids).float()
         counts_before = torch.zeros(learned.shape[0], dtype=torch.int64, device=self.device)
         counts_after = torch.zeros(self.num_clusters, dtype=torch.int64, device=self.device)
         error_before = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -203,7 +220,7 @@ class CodebookAggregator(LightningModule):
         for vectors in self._vectors:
             vectors = vectors.to(self.device)
             idx_before, dist_before = nearest_codes(vectors, learned)
-            idx_after, dist_after = nearest_codes(vectors, self.centroids)
+            idx_after, dist_after = nearest_codes(vectors, centroids)
             counts_before += torch.bincount(idx_before, minlength=learned.shape[0])
             counts_after += torch.bincount(idx_after, minlength=self.num_clusters)
             error_before += dist_before.double().sum()
@@ -240,7 +257,7 @@ class CodebookAggregator(LightningModule):
             images = batch["image"].to(self.device)
             z_e = self.vqvae.net.encode(images).float()
             for slot, codebook in ((0, learned), (1, self.centroids)):
-                reconstruction = self.vqvae.net.decode(_quantize(z_e, codebook))
+                reconstruction = self.vqvae.net.decode(_quantize(self.quantizer, z_e, codebook))
                 sums[slot] += F.l1_loss(reconstruction.float(), images.float(), reduction="sum").double()
             sums[2] += images.numel()
         sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
@@ -254,9 +271,13 @@ class CodebookAggregator(LightningModule):
             raise RuntimeError("aggregated_checkpoint() called before k-means ran (trainer.predict)")
         source = load_checkpoint(self.hparams.vqvae_checkpoint, VQVAE_KIND, "model.vqvae_checkpoint")
         state_dict = dict(source["state_dict"])
-        state_dict["net.quantizer.codebook"] = (
-            self.centroids.detach().cpu().to(state_dict["net.quantizer.codebook"].dtype)
-        )
+        # The quantizer's whole state for the new codebook: codes, projections, restarted statistics (buffers
+        # of the options that are on); for the default quantizer that is just the codebook.
+        quantizer = self.quantizer.with_codebook(self.centroids.detach())
+        for key in [k for k in state_dict if k.startswith("net.quantizer.")]:
+            del state_dict[key]
+        for key, value in quantizer.state_dict().items():
+            state_dict[f"net.quantizer.{key}"] = value.detach().cpu()
         hparams = dict(source["hyper_parameters"])
         hparams["codebook_size"] = self.num_clusters
         hparams["init_from"] = None
@@ -288,9 +309,12 @@ class CodebookAggregator(LightningModule):
         return None
 
 
-def _quantize(z_e: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """``[B, D, h, w]`` encodings -> the nearest rows of ``codebook`` ``[K, D]``, same shape."""
+def _quantize(quantizer: VectorQuantizer, z_e: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """``[B, D, h, w]`` encodings -> their nearest codes of ``codebook`` (raw ``[K, C]``, in the quantizer's lookup
+    space), as the decoder's input ``[B, D, h, w]``: searched and projected back as ``quantizer`` does."""
     batch, dim, height, width = z_e.shape
-    flat = z_e.permute(0, 2, 3, 1).reshape(-1, dim)
-    indices, _ = nearest_codes(flat, codebook)
-    return codebook[indices].reshape(batch, height, width, dim).permute(0, 3, 1, 2)
+    flat = quantizer.to_lookup_space(z_e.permute(0, 2, 3, 1).reshape(-1, dim))  # [N, C]
+    codes = quantizer.effective_codebook(codebook)  # [K, C]
+    indices, _ = nearest_codes(flat, codes)
+    chosen = quantizer.from_lookup_space(codes[indices])  # [N, D]
+    return chosen.reshape(batch, height, width, dim).permute(0, 3, 1, 2)

@@ -13,12 +13,20 @@ from typing_extensions import override
 from lsgs.checkpoints import VQVAE_KIND, checkpoint_metadata, load_checkpoint
 from lsgs.errors import CheckpointError, ConfigError, TrainingDivergedError
 from lsgs.metrics.codebook import CodebookUsage, usage_statistics
+from lsgs.nn.quantizer import validate_codebook_options
 from lsgs.nn.vqvae import VQVAEConfig, VQVAENet
 from lsgs.progress import progress
 from lsgs.viz import image_grid, log_image
 
 # Architecture arguments: taken from `init_from` when they are left at None, and checked against it otherwise.
-ARCHITECTURE_KEYS = ("in_channels", "channels", "num_res_blocks", "res_channels", "codebook_size", "code_dim")
+# lookup_dim and l2_normalize define the space the codebook lives in, so they belong here too (checkpoints written
+# before they existed lack them: they were off).
+ARCHITECTURE_KEYS = (
+    "in_channels", "channels", "num_res_blocks", "res_channels", "codebook_size", "code_dim", "lookup_dim",
+    "l2_normalize",
+)
+# Quantizer buffers that exist only when a codebook option is on (see lsgs.nn.quantizer.VectorQuantizer).
+OPTIONAL_QUANTIZER_BUFFERS = ("quantizer.cluster_size", "quantizer.embed_sum", "quantizer.initialised")
 _DEFAULTS = VQVAEConfig()
 
 
@@ -43,6 +51,28 @@ class VQVAE(LightningModule):
         init_from: a VQ-VAE checkpoint (e.g. the aggregator's output) to start from.
         freeze_codebook: keep the codebook fixed (only encoder/decoder train); off by default as in the paper.
         num_logged_images: images in the input/reconstruction grid logged every validation epoch.
+        ema_decay: codebook health, off by default (the paper). None, or the decay in (0, 1) of EMA codebook
+            updates (VQ-VAE-2 / Sonnet ``VectorQuantizerEMA``, Laplace-smoothed cluster sizes; 0.99 is usual).
+            The codebook then gets no gradient and the loss drops the codebook term: ``L1 + beta * commitment``
+            (``val/codebook_loss`` is still logged, as a diagnostic). Statistics are all-reduced under DDP.
+        dead_code_threshold: 0 (off), or restart codes whose moving-average usage (vectors assigned per training
+            step over all ranks; the EMA cluster size with ``ema_decay``, otherwise an average with decay 0.99)
+            falls below this number: they are replaced by random encodings of the current batch (seeded by
+            ``codebook_seed``, drawn on rank 0 and broadcast). ``train/codes_restarted`` counts them per epoch.
+        kmeans_init: initialise the codebook from k-means (FAISS) of the encodings of the first
+            ``kmeans_init_batches`` training batches. Does nothing with ``init_from`` (the codebook comes from the
+            checkpoint).
+        kmeans_init_batches: training batches collected for ``kmeans_init``.
+        lookup_dim: None (off) or the dimension of a factorised lookup (ViT-VQGAN): ``z_e`` is projected
+            ``code_dim -> lookup_dim`` for the nearest-code search, the codebook is ``[codebook_size,
+            lookup_dim]``, and the chosen code is projected back. Part of the architecture: with ``init_from``
+            it comes from the checkpoint (a different non-None value is an error).
+        l2_normalize: cosine-similarity lookup (l2-normalised vectors and codes; ViT-VQGAN). None: from
+            ``init_from``, else off. Combines with ``lookup_dim`` (normalised after the projection).
+        codebook_seed: seed of the dead-code restart picks and of the k-means initialisation.
+
+    ``ema_decay``, ``dead_code_threshold`` and ``kmeans_init`` are training choices: with ``init_from`` (stage 3)
+    they come from this module's own arguments, like ``lr`` and ``beta``, not from the checkpoint.
     """
 
     def __init__(
@@ -60,8 +90,48 @@ class VQVAE(LightningModule):
         init_from: str | None = None,
         freeze_codebook: bool = False,
         num_logged_images: int = 8,
+        ema_decay: float | None = None,
+        dead_code_threshold: float = 0.0,
+        kmeans_init: bool = False,
+        kmeans_init_batches: int = 1,
+        lookup_dim: int | None = None,
+        l2_normalize: bool | None = None,
+        codebook_seed: int = 0,
     ) -> None:
         super().__init__()
+        training_options = {
+            "ema_decay": ema_decay,
+            "dead_code_threshold": dead_code_threshold,
+            "kmeans_init": kmeans_init,
+            "kmeans_init_batches": kmeans_init_batches,
+            "codebook_seed": codebook_seed,
+        }
+        # Checked before any checkpoint is read, with the names the user wrote.
+        validate_codebook_options(
+            ema_decay=ema_decay,
+            dead_code_threshold=dead_code_threshold,
+            kmeans_init=kmeans_init,
+            kmeans_init_batches=kmeans_init_batches,
+            lookup_dim=lookup_dim,
+            l2_normalize=False if l2_normalize is None else l2_normalize,
+            seed=codebook_seed,
+            prefix="model.",
+            seed_name="codebook_seed",
+        )
+        if freeze_codebook:
+            moving = [
+                f"{name}={value!r}"
+                for name, value, off in (
+                    ("ema_decay", ema_decay, None), ("dead_code_threshold", dead_code_threshold, 0.0),
+                    ("kmeans_init", kmeans_init, False),
+                )
+                if value != off
+            ]
+            if moving:
+                raise ConfigError(
+                    f"model.freeze_codebook=True contradicts model.{moving[0]} (it moves the codebook); turn "
+                    f"one of them off"
+                )
         requested = {
             "in_channels": in_channels,
             "channels": tuple(channels) if channels is not None else None,
@@ -69,15 +139,17 @@ class VQVAE(LightningModule):
             "res_channels": res_channels,
             "codebook_size": codebook_size,
             "code_dim": code_dim,
+            "lookup_dim": lookup_dim,
+            "l2_normalize": l2_normalize,
         }
         init_state = None
         if init_from is not None:
             checkpoint = load_checkpoint(init_from, VQVAE_KIND, "model.init_from")
             source = checkpoint["hyper_parameters"]
             conflicts = [
-                f"{key}={value!r} (checkpoint has {source[key]!r})"
+                f"{key}={value!r} (checkpoint has {_source_value(source, key)!r})"
                 for key, value in requested.items()
-                if value is not None and _normalise(value) != _normalise(source[key])
+                if value is not None and _normalise(value) != _source_value(source, key)
             ]
             if conflicts:
                 raise CheckpointError(
@@ -85,7 +157,7 @@ class VQVAE(LightningModule):
                     + ", ".join(conflicts)
                     + "; leave these unset to take them from the checkpoint"
                 )
-            requested = {key: _normalise(source[key]) for key in ARCHITECTURE_KEYS}
+            requested = {key: _source_value(source, key) for key in ARCHITECTURE_KEYS}
             input_size = input_size if input_size is not None else source.get("input_size")
             init_state = {
                 k[len("net.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")
@@ -104,11 +176,12 @@ class VQVAE(LightningModule):
                 "init_from": init_from,
                 "freeze_codebook": freeze_codebook,
                 "num_logged_images": num_logged_images,
+                **training_options,
             }
         )
-        self.net = VQVAENet(VQVAEConfig(**resolved, beta=beta))
+        self.net = VQVAENet(VQVAEConfig(**resolved, beta=beta, **training_options))
         if init_state is not None:
-            self.net.load_state_dict(init_state)
+            self._load_init_state(init_state, init_from)
         # oneDNN's convolutions are ~13% faster on CPU in channels_last (benchmarks/vqvae_throughput.py).
         self.net.to(memory_format=torch.channels_last)
         if freeze_codebook:
@@ -116,6 +189,22 @@ class VQVAE(LightningModule):
         self.train_usage = CodebookUsage(resolved["codebook_size"])
         self.val_usage = CodebookUsage(resolved["codebook_size"])
         self._image_batch: torch.Tensor | None = None
+
+    def _load_init_state(self, state: dict[str, torch.Tensor], init_from: str) -> None:
+        """Load ``init_from``'s weights. The optional quantizer buffers may differ when the training options
+        differ between the stages (e.g. stage 1 without EMA, stage 3 with it): buffers this net lacks are
+        dropped, and if any it has are missing, its statistics restart from the loaded codebook."""
+        own = self.net.state_dict().keys()
+        state = {k: v for k, v in state.items() if k in own or k not in OPTIONAL_QUANTIZER_BUFFERS}
+        result = self.net.load_state_dict(state, strict=False)
+        unexpected = list(result.unexpected_keys)
+        missing = [k for k in result.missing_keys if k not in OPTIONAL_QUANTIZER_BUFFERS]
+        if unexpected or missing:
+            raise CheckpointError(
+                f"model.init_from '{init_from}' does not fit this VQ-VAE: missing {missing}, unexpected {unexpected}"
+            )
+        if result.missing_keys:
+            self.net.quantizer.reset_codebook_statistics()
 
     @classmethod
     def from_checkpoint(cls, path: str, argument: str = "vqvae_checkpoint") -> VQVAE:
@@ -168,7 +257,8 @@ class VQVAE(LightningModule):
     def _losses(self, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], Any]:
         out = self.net(images.contiguous(memory_format=torch.channels_last))
         l1 = F.l1_loss(out.reconstruction.float(), images.float())
-        vq = out.codebook_loss + self.hparams.beta * out.commitment_loss
+        # codebook_loss + beta * commitment_loss (eq. 4); without the codebook term under EMA updates.
+        vq = self.net.quantizer.loss(out)
         losses = {
             "loss": l1 + vq,
             "l1": l1,
@@ -195,6 +285,10 @@ class VQVAE(LightningModule):
     @override
     def on_train_epoch_end(self) -> None:
         stats = self.train_usage.compute()
+        if self.hparams.dead_code_threshold > 0:
+            # Identical on every rank: restarts are decided on all-reduced usage.
+            stats["codes_restarted"] = float(self.net.quantizer.num_restarts)
+            self.net.quantizer.num_restarts = 0
         self.log_dict({f"train/{k}": v for k, v in stats.items()}, sync_dist=False)
         self.train_usage.reset()
 
@@ -280,3 +374,8 @@ class VQVAE(LightningModule):
 
 def _normalise(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
+
+
+def _source_value(hparams: dict[str, Any], key: str) -> Any:
+    """An architecture value of a checkpoint; keys added after it was written take their (off) default."""
+    return _normalise(hparams[key] if key in hparams else getattr(_DEFAULTS, key))

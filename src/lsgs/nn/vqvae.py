@@ -10,11 +10,12 @@ image must not depend on the other images of its batch (DDP, batch-size invarian
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor, nn
 
 from lsgs.errors import ConfigError
-from lsgs.nn.quantizer import QuantizerOutput, VectorQuantizer
+from lsgs.nn.quantizer import QuantizerOutput, VectorQuantizer, validate_codebook_options
 
 
 @dataclass
@@ -30,6 +31,16 @@ class VQVAEConfig:
         codebook_size: number of codes ``K``.
         code_dim: code dimension ``D``.
         beta: commitment weight (paper: 1).
+        ema_decay: None (off, the paper) or the decay of EMA codebook updates; the codebook loss term is then
+            dropped. See :class:`~lsgs.nn.quantizer.VectorQuantizer` for this and the options below.
+        dead_code_threshold: 0 (off) or the moving-average usage below which a code is restarted on a random
+            encoding of the current batch.
+        kmeans_init: initialise the codebook from k-means of the first ``kmeans_init_batches`` training batches.
+        kmeans_init_batches: training batches k-means initialisation collects.
+        lookup_dim: None (off) or the dimension of a factorised (projected) code lookup; the codebook is then
+            ``[codebook_size, lookup_dim]``.
+        l2_normalize: cosine-similarity lookup on l2-normalised vectors and codes.
+        codebook_seed: seed of dead-code restart picks and of the k-means initialisation.
     """
 
     in_channels: int = 3
@@ -39,6 +50,13 @@ class VQVAEConfig:
     codebook_size: int = 128
     code_dim: int = 64
     beta: float = 1.0
+    ema_decay: float | None = None
+    dead_code_threshold: float = 0.0
+    kmeans_init: bool = False
+    kmeans_init_batches: int = 1
+    lookup_dim: int | None = None
+    l2_normalize: bool = False
+    codebook_seed: int = 0
 
     def __post_init__(self) -> None:
         # YAML / asdict round trips give a list; keep the field hashable and comparable.
@@ -59,6 +77,19 @@ class VQVAEConfig:
             )
         if not self.beta >= 0.0:  # also rejects NaN
             raise ConfigError(f"VQVAEConfig.beta must be >= 0, got {self.beta!r}")
+        validate_codebook_options(**self.codebook_options(), prefix="VQVAEConfig.", seed_name="codebook_seed")
+
+    def codebook_options(self) -> dict[str, Any]:
+        """The codebook-health keyword arguments of :class:`~lsgs.nn.quantizer.VectorQuantizer`."""
+        return {
+            "ema_decay": self.ema_decay,
+            "dead_code_threshold": self.dead_code_threshold,
+            "kmeans_init": self.kmeans_init,
+            "kmeans_init_batches": self.kmeans_init_batches,
+            "lookup_dim": self.lookup_dim,
+            "l2_normalize": self.l2_normalize,
+            "seed": self.codebook_seed,
+        }
 
     @property
     def downsample_factor(self) -> int:
@@ -195,7 +226,9 @@ class VQVAENet(nn.Module):
         super().__init__()
         self.config = config
         self.encoder = Encoder(config)
-        self.quantizer = VectorQuantizer(config.codebook_size, config.code_dim, beta=config.beta)
+        self.quantizer = VectorQuantizer(
+            config.codebook_size, config.code_dim, beta=config.beta, **config.codebook_options()
+        )
         self.decoder = Decoder(config)
 
     def _check_image(self, x: Tensor) -> None:
