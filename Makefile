@@ -4,11 +4,13 @@
 #   make train-brats          full pipeline on BraTS2018 (demo data unless DATA_ROOT is given)
 #   make ablate-codebook      paper Table 3 (learned vs aggregated codebook)
 #   make ablate-attention     paper Table 4 (no transformer / causal / global)
+#   make study-scoring        re-score a finished run (RUN_DIR) over a grid of scoring options (GRID)
 # Variables:
 #   DATA_ROOT=/data/mvtec_anomaly_detection   use real data with the paper's configuration
 #   ARGS="--vqvae.model.codebook_size=512 --trainer.max_epochs=50"   overrides passed to `lsgs pipeline`
 #   TORCH=torch==2.5.1+cu121  the torch requirement installed first (default: the small CPU build)
 #   RUN_DIR=runs/my-run       where the run goes (default: runs/<experiment name>)
+#   GRID='{"nll_quantile": [0.9, 0.99]}'   make study-scoring: the grid of scoring options (JSON)
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -32,7 +34,7 @@ MVTEC_CONFIG := $(if $(DATA_ROOT),experiments/mvtec.yaml --data.root=$(DATA_ROOT
 BRATS_CONFIG := $(if $(DATA_ROOT),experiments/brats.yaml --data.root=$(DATA_ROOT),experiments/demo_brats.yaml)
 DEMO_DEP := $(if $(DATA_ROOT),,demo-data)
 
-.PHONY: setup test lint demo-data train-mvtec train-brats ablate-codebook ablate-attention baselines report \
+.PHONY: setup test lint demo-data train-mvtec train-brats ablate-codebook ablate-attention baselines report study-scoring \
         benchmark clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
@@ -69,6 +71,11 @@ baselines: $(STAMP) $(DEMO_DEP)
 
 report: $(STAMP)
 	$(LSGS) report --run_dir $(if $(RUN_DIR),$(RUN_DIR),runs/$(if $(DATA_ROOT),mvtec,demo-mvtec))
+
+# Re-score a finished run over a grid of scoring options (no retraining): RUN_DIR/studies/scoring.{md,csv}.
+GRID ?= {"map_reference": ["reconstruction", "input"], "reconstruction_weight": [0, 0.5, 1], "nll_quantile": [0.9, 0.99]}
+study-scoring: $(STAMP)
+	$(LSGS) study scoring --run_dir $(if $(RUN_DIR),$(RUN_DIR),runs/$(if $(DATA_ROOT),mvtec,demo-mvtec)) --grid '$(GRID)'
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/data_loading.py

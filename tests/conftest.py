@@ -52,6 +52,19 @@ def demo_mvtec3d_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, demo_mvtec_root: Path, data_cache_dir: Path) -> Path:
+    """A finished tiny pipeline run of the demo MVTec data (test_pipeline.TINY, in-process), built once per
+    session and shared by the pipeline and study tests. Read-only: copy it before changing anything."""
+    from test_pipeline import tiny_args
+
+    from lsgs.pipeline import main as pipeline_main
+
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    pipeline_main(tiny_args(demo_mvtec_root, data_cache_dir, run_dir))
+    return run_dir
+
+
+@pytest.fixture(scope="session")
 def data_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Session-wide decoded-array cache directory (pass as `cache_dir=` to the data modules)."""
     return tmp_path_factory.mktemp("lsgs-cache")

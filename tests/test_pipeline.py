@@ -72,12 +72,7 @@ def assert_close(a: object, b: object, tol: float, path: str = "") -> None:
         assert a == b, path
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory, demo_mvtec_root: Path, data_cache_dir: Path) -> Path:
-    """A finished tiny pipeline run (in-process), the reference for the other tests. Read-only."""
-    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
-    pipeline_main(tiny_args(demo_mvtec_root, data_cache_dir, run_dir))
-    return run_dir
+# tiny_run (a finished run of these TINY args) is a session fixture in conftest.py, shared with test_study.py.
 
 
 def copy_run(run_dir: Path, tmp_path: Path) -> Path:

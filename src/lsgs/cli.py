@@ -5,6 +5,7 @@
     lsgs ablate {codebook,attention} --config EXPERIMENT.yaml            the paper's Tables 3 and 4
     lsgs detect --run_dir RUN --images FOLDER                            heatmaps + scores for unlabelled images
     lsgs report --run_dir RUN                                            summary table + self-contained HTML report
+    lsgs study scoring --run_dir RUN --grid '{"map_reference": [...]}'   re-score a run over a grid of scoring options
 
 Every ``config.yaml`` the pipeline saves in a stage folder is a valid single-stage config.
 """
@@ -77,6 +78,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             from lsgs.detect import main as detect_main
 
             detect_main(argv[1:])
+        elif command == "study":
+            from lsgs.study import main as study_main
+
+            study_main(argv[1:])
         elif command in ("-h", "--help", "help"):
             print(USAGE)
         else:
