@@ -231,7 +231,12 @@ class AnomalyMapModule(LightningModule, abc.ABC):
             keep = has_mask.to(maps.device).view(-1, 1, 1, 1).expand_as(maps)
             valid = keep if valid is None else valid & keep
         self.metrics.update(
-            maps, batch["mask"], batch["label"], list(batch["category"]), valid=valid, image_scores=metric_scores
+            maps,
+            batch["mask"],
+            batch["label"],
+            list(batch["category"]),
+            valid=valid,
+            image_scores=metric_scores,
         )
         scores = image_scores(maps)
         for i, index in enumerate(batch["index"].tolist()):
@@ -457,7 +462,7 @@ class ScoringModule(AnomalyMapModule):
     def calibration_phases(self) -> list[tuple[str, str]]:
         if self.transformer is None:
             return []
-        if self.hparams.nll_threshold is not None:
+        if self.hparams.nll_threshold is not None:  # a fixed threshold needs no pass over the normals
             self.calibration["nll_threshold"] = float(self.hparams.nll_threshold)
             return []
         return [("nll", "val")]
@@ -509,11 +514,17 @@ class ScoringModule(AnomalyMapModule):
         self.calibration["nll_thresholds"] = thresholds
 
     def nll_thresholds(self, batch: dict[str, Any]) -> torch.Tensor:
-        """``[B]`` resampling threshold of each image of ``batch`` (its category's under scope ``category``)."""
+        """``[B]`` resampling threshold of each image of ``batch`` (its category's under scope ``category``).
+
+        With per-category thresholds, an image of a category that has none (e.g. ``lsgs detect`` on a folder of a
+        single-category run) uses the only one there is; with several, that is a ``ConfigError``.
+        """
         size = len(batch["image"])
         if "nll_thresholds" not in self.calibration:
             return torch.full((size,), float(self.calibration["nll_threshold"]), device=self.device)
         table = self.calibration["nll_thresholds"]
+        if len(table) == 1:
+            return torch.full((size,), float(next(iter(table.values()))), device=self.device)
         unknown = sorted({c for c in batch["category"] if c not in table})
         if unknown:
             raise ConfigError(
