@@ -230,3 +230,30 @@ class TestTraining:
         out = net_cl(x.contiguous(memory_format=torch.channels_last))
         assert torch.equal(out.indices, ref.indices)
         torch.testing.assert_close(out.reconstruction, ref.reconstruction, rtol=1e-5, atol=1e-6)
+
+    @pytest.mark.parametrize(
+        "options",
+        [
+            {"lookup_dim": 4, "l2_normalize": True},
+            {"ema_decay": 0.9, "dead_code_threshold": 1.0},
+        ],
+    )
+    def test_codebook_options_under_bf16_autocast_and_channels_last(self, options):
+        """The options keep the fp32 search and the fp32 codebook under bf16 autocast, in channels_last."""
+        net = tiny_net(**options).to(memory_format=torch.channels_last)
+        x = images().contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = net(x)
+            loss = F.l1_loss(out.reconstruction.float(), x) + net.quantizer.loss(out)
+        loss.backward()
+        q = net.quantizer
+        assert q.codebook.dtype == torch.float32 and out.commitment_loss.dtype == torch.float32
+        assert torch.isfinite(q.codebook).all()
+        for p in net.parameters():
+            if p.requires_grad:
+                assert p.grad is not None and torch.isfinite(p.grad).all()
+        if "lookup_dim" in options:  # argmax cosine, in fp32, of the bf16 projected encodings
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                projected = q.to_lookup_space(out.z_e.detach().permute(0, 2, 3, 1)).float().reshape(-1, 4)
+            similarity = projected @ F.normalize(q.codebook.detach(), dim=1).t()
+            assert torch.equal(out.indices.reshape(-1), similarity.argmax(1))
