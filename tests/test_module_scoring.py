@@ -618,3 +618,15 @@ def test_bf16_mixed_calibration_runs_in_the_precision_of_the_test_maps(
     bf16 = references(autocast=True)
     assert (calibration["nll_threshold"], calibration["val_threshold"]) == bf16
     assert references(autocast=False) != bf16  # fp32 maps would have given other thresholds
+
+
+def test_nll_threshold_lookup_for_categories_without_their_own(models: Models) -> None:
+    module = ScoringModule(str(models.vqvae), str(models.global_transformer), nll_threshold_scope="category")
+    batch = {"image": torch.zeros(2, 3, 32, 32), "category": ["fabric", "folder"]}
+    # One calibrated category serves every image (lsgs detect on a folder of a single-category run).
+    module.calibration = {"nll_thresholds": {"fabric": 2.5}}
+    assert module.nll_thresholds(batch).tolist() == [2.5, 2.5]
+    module.calibration = {"nll_thresholds": {"fabric": 2.5, "nut": 1.5}}
+    with pytest.raises(ConfigError, match=r"no NLL threshold for category \['folder'\]"):
+        module.nll_thresholds(batch)
+    assert module.nll_thresholds({**batch, "category": ["nut", "fabric"]}).tolist() == [1.5, 2.5]
