@@ -389,6 +389,10 @@ class FolderDataModule(AnomalyDataModule):
         )
         if channels not in (1, 3):
             raise ConfigError(f"channels must be 1 or 3, got {channels!r}")
+        # Lightning merges the data and model hparams for the loggers and rejects a key with two values: the
+        # VQ-VAE's `channels` (layer widths) would clash with this one, so it is logged as `image_channels`.
+        for hparams in (self._hparams, self._hparams_initial):
+            hparams["image_channels"] = hparams.pop("channels")
         check_fraction("normal_test_fraction", normal_test_fraction)
         if mask_threshold is not None and (
             isinstance(mask_threshold, bool)
@@ -479,11 +483,12 @@ class FolderDataModule(AnomalyDataModule):
                 resolve_folder(self.root, self.mask_dirs[0], "mask_dir"), "mask_dir"
             )
         owner: dict[str, Path] = {}
-        missing: list[Path] = []
+        missing: list[tuple[Path, str]] = []  # (image, where its mask was looked for)
         for i, (folder, category) in enumerate(zip(self.abnormal_dirs, self.categories)):
             key = f"abnormal_dir {folder!r}"
             directory = resolve_folder(self.root, folder, "abnormal_dir")
             files = list_folder_images(directory, key)
+            where = "beside it"
             if self._masks_beside:
                 is_mask = [self._is_mask(p) for p in files]
                 masks = self._masks_in_files([p for p, m in zip(files, is_mask) if m], directory, key)
@@ -496,14 +501,13 @@ class FolderDataModule(AnomalyDataModule):
                 images = select_glob(candidates, self.image_glob, directory, key, "image_glob")
             else:
                 images = select_glob(files, self.image_glob, directory, key, "image_glob")
-                if shared_masks is not None:
-                    masks = shared_masks
-                elif self.mask_dirs:
-                    masks = self._masks_in(
-                        resolve_folder(self.root, self.mask_dirs[i], "mask_dir"), "mask_dir"
+                masks = {}
+                if self.mask_dirs:
+                    mask_folder = self.mask_dirs[0 if shared_masks is not None else i]
+                    where = f"in mask_dir {mask_folder!r}"
+                    masks = shared_masks or self._masks_in(
+                        resolve_folder(self.root, mask_folder, "mask_dir"), "mask_dir"
                     )
-                else:
-                    masks = {}
             for path in images:
                 stem = path.stem + self.mask_suffix
                 mask = masks.get(stem)
@@ -515,18 +519,14 @@ class FolderDataModule(AnomalyDataModule):
                         )
                     owner[stem] = path
                 if mask is None:
-                    missing.append(path)
+                    missing.append((path, where))
                 samples.append(FolderSample(path, ANOMALOUS, category, mask))
         if missing and not self.allow_missing_masks:
-            where = (
-                self.mask_dirs[0]
-                if len(self.mask_dirs) == 1
-                else ("mask_dir" if self.mask_dirs else "beside it")
-            )
-            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            (first, where), more = missing[0], len(missing) - 1
             raise DataError(
-                f"{missing[0]}: anomalous image without a mask{more}: no '{missing[0].stem}{self.mask_suffix}.*' "
-                f"in {where}; add the masks, or set allow_missing_masks=true to use them for image metrics only"
+                f"{first}: anomalous image without a mask{f' (and {more} more)' if more else ''}: no "
+                f"'{first.stem}{self.mask_suffix}.*' {where}; add the masks, or set allow_missing_masks=true to "
+                "use such images for the image metrics only"
             )
         return samples
 
