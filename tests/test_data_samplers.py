@@ -45,6 +45,7 @@ import json, sys
 import torch
 import lightning.pytorch as pl
 from data_modules import MVTecDataModule
+from lsgs.distributed import process_group_teardown
 
 
 class Collect(pl.LightningModule):
@@ -86,9 +87,19 @@ trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1,
                      num_sanity_val_steps=0, logger=False, enable_progress_bar=False,
                      enable_model_summary=False, enable_checkpointing=False)
 model = Collect()
-trainer.fit(model, datamodule=dm)
-trainer.test(model, datamodule=dm, verbose=False)
-trainer.predict(model, datamodule=dm, return_predictions=False)
+# The fix under test: without a barrier + destroy_process_group, gloo's threads die in interpreter shutdown
+# and a rank may abort ("terminate called without an active exception", exit -6) after its work is done.
+with process_group_teardown():
+    trainer.fit(model, datamodule=dm)
+    trainer.test(model, datamodule=dm, verbose=False)
+    trainer.predict(model, datamodule=dm, return_predictions=False)
+rank = trainer.global_rank
+assert not torch.distributed.is_initialized()
+if rank == 0:
+    # Lightning started rank 1 as a child process of this one: its exit status is ours to check.
+    codes = [proc.wait(timeout=120) for proc in trainer.strategy.launcher.procs]
+    json.dump(codes, open(sys.argv[3] + ".children", "w"))
+open(f"{sys.argv[3]}.rank{rank}", "w").write("finished")  # the last thing each rank does
 """
 
 
@@ -109,7 +120,10 @@ def test_lightning_keeps_the_sampler_under_real_ddp(
         text=True,
         timeout=300,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stderr[-3000:]  # rank 0 (the launched script)
+    assert json.loads(Path(f"{out}.children").read_text()) == [0], proc.stderr[-3000:]  # rank 1
+    assert [Path(f"{out}.rank{r}").read_text() for r in (0, 1)] == ["finished"] * 2
+    assert "terminate called" not in proc.stderr
     ranks = json.loads(out.read_text())
     assert len(ranks) == 2
     dm = MVTecDataModule(

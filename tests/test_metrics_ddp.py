@@ -9,6 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from test_metrics_collection import CATEGORIES, NB, make_test_set
 
+from lsgs.distributed import process_group_teardown
 from lsgs.metrics import AUPRO, AnomalyMetrics, ImageAUROC, PixelMetrics, ScoreQuantile
 
 SPLIT = 8  # rank 0 gets images [0, 8), rank 1 gets [8, 15): an odd-sized split
@@ -58,13 +59,11 @@ def worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
         world_size=world_size,
         timeout=timedelta(seconds=120),
     )
-    try:
+    with process_group_teardown():  # barrier + destroy_process_group (no barrier if this rank fails)
         maps, masks, labels, categories, valid, threshold = dataset()
         part = slice(0, SPLIT) if rank == 0 else slice(SPLIT, None)
         results = run_all(maps[part], masks[part], labels[part], categories[part], valid[part], threshold)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_process_sync_equals_single_process(tmp_path):

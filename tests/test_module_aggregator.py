@@ -14,8 +14,9 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from test_module_vqvae import brute_force_codes, fit_vqvae, make_trainer, mvtec_datamodule
 
 from data_modules import MVTecDataModule
+from lsgs.distributed import spawn_teardown_callback
 from lsgs.errors import ConfigError
-from lsgs.kmeans import kmeans
+from lsgs.kmeans import faiss_gpu_available, kmeans
 from lsgs.modules import VQVAE, CodebookAggregator
 from lsgs.modules.aggregator import AGGREGATED_CHECKPOINT, AGGREGATION_REPORT
 
@@ -119,7 +120,8 @@ def test_aggregation_raises_the_effective_size_and_writes_a_vqvae_checkpoint(
     assert report["quantisation_mse_after"] < report["quantisation_mse_before"]
     assert report["kmeans"]["num_points"] == TRAIN_VECTORS
     assert report["kmeans"]["inertia"] == pytest.approx(expected.inertia, rel=1e-6)
-    assert report["kmeans"]["backend"] == "faiss-cpu"
+    # Any FAISS build: the stage uses the GPU exactly when this FAISS has one (faiss-gpu in environment.yml).
+    assert report["kmeans"]["backend"] == ("faiss-gpu" if faiss_gpu_available() else "faiss-cpu")
     # Before: the stage-1 model's own validation L1 (its fit-end report). After: the aggregated model's.
     assert report["val_l1_before"] == pytest.approx(stage1[1].codebook_report["val_l1"], rel=1e-5)
     images = next(iter(datamodule.val_dataloader()))["image"]
@@ -218,6 +220,18 @@ class SaveCentroids(Callback):
         )
 
 
+class RecordTeardown(Callback):
+    """Runs after the teardown callback: records that this rank's process group is gone before it exits."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        (Path(self.out_dir) / f"rank{trainer.global_rank}.teardown").write_text(
+            str(torch.distributed.is_initialized())
+        )
+
+
 def without_timing(report: dict[str, Any]) -> dict[str, Any]:
     return {**report, "kmeans": {k: v for k, v in report["kmeans"].items() if k != "seconds"}}
 
@@ -233,12 +247,13 @@ def test_two_process_ddp_equals_the_single_process_result(
     )
 
     module = CodebookAggregator(str(stage1[0]), output_dir=str(tmp_path / "ddp"), **options)
-    trainer = make_trainer(
-        tmp_path, devices=2, strategy="ddp_spawn", callbacks=[SaveCentroids(str(tmp_path))]
-    )
+    callbacks = [SaveCentroids(str(tmp_path)), spawn_teardown_callback(), RecordTeardown(str(tmp_path))]
+    trainer = make_trainer(tmp_path, devices=2, strategy="ddp_spawn", callbacks=callbacks)
+    # A rank exiting non-zero (e.g. aborting at exit) makes Lightning's join raise here.
     trainer.predict(
         module, datamodule=mvtec_datamodule(demo_mvtec_root, data_cache_dir), return_predictions=False
     )
+    assert [(tmp_path / f"rank{r}.teardown").read_text() for r in (0, 1)] == ["False", "False"]
 
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     # Both ranks end with the very same codebook (rank 0's k-means, broadcast) and report.

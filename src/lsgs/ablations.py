@@ -19,6 +19,7 @@ from typing import Any
 
 from jsonargparse import Namespace
 
+from lsgs.distributed import process_group_teardown
 from lsgs.errors import ConfigError
 from lsgs.io import atomic_write_text
 from lsgs.pipeline import build_parser, parse_experiment, plan_experiment, run_experiment
@@ -119,7 +120,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     if table not in TABLES:
         raise ConfigError(f"unknown ablation {table!r}; choose one of {TABLES}")
     _, config = parse_experiment(rest)
-    markdown, table_csv = run_ablation(table, config)
+    with process_group_teardown():  # under DDP: barrier + destroy_process_group on every rank
+        markdown, table_csv = run_ablation(table, config)
+    from lsgs.pipeline import _is_global_zero_env
+
+    if not _is_global_zero_env():  # under DDP the table, W&B run and summary are rank 0's
+        return
     log_table_to_wandb(config, table, table_csv)
     from lsgs.report import write_summary
 

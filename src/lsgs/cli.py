@@ -58,6 +58,7 @@ def instantiate_stage(config: dict[str, Any]) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from lsgs.distributed import teardown_process_group
     from lsgs.errors import LSGSError
 
     command = argv[0] if argv else "--help"
@@ -91,6 +92,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    else:
+        # A multi-process run (torchrun, Lightning-launched DDP) of any command ends here: all ranks meet, then
+        # the process group is destroyed, so gloo does not abort the process at interpreter exit.
+        teardown_process_group(barrier=True)
+    finally:
+        teardown_process_group(barrier=False)  # error path (no barrier: other ranks may be gone); else a no-op
 
 
 if __name__ == "__main__":

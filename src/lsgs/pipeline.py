@@ -31,6 +31,7 @@ from typing import Any, Literal
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from lightning.pytorch import LightningDataModule, LightningModule
 
+from lsgs.distributed import process_group_teardown
 from lsgs.errors import ConfigError
 from lsgs.io import atomic_write_json, atomic_write_text
 
@@ -592,13 +593,18 @@ def _publish_results(experiment: Experiment, scoring: StagePlan) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
-    """``lsgs pipeline``: parse, plan, run, print the results table and the run folder."""
+    """``lsgs pipeline``: parse, plan, run, print the results table and the run folder.
+
+    Under DDP (torchrun or Lightning-launched) every rank ends with a barrier and destroys the process group,
+    also when a stage fails (then without the barrier), so no rank aborts at interpreter exit.
+    """
     parser, config = parse_experiment(sys.argv[1:] if argv is None else argv)
     experiment = plan_experiment(config)
     if _is_global_zero_env():
         experiment.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(experiment.run_dir / "experiment.yaml", parser.dump(config, skip_none=False))
-    results = run_experiment(experiment, only=config.stages)
+    with process_group_teardown():
+        results = run_experiment(experiment, only=config.stages)
     summary = _publish_summary(experiment.run_dir)
     if _is_global_zero_env():
         table = experiment.run_dir / "results.md"
