@@ -153,6 +153,8 @@ def _stage_config(base: dict[str, Any], settings: dict[str, Any], root: Path) ->
     init_args = config["model"].setdefault("init_args", {})
     init_args.update(settings)
     init_args["output_dir"] = None  # the study keeps results in memory; the run's outputs stay untouched
+    # In-process loading, so the memoised evaluation splits persist from row to row (same items either way).
+    config["data"].setdefault("init_args", {})["num_workers"] = 0
     config["trainer"].update(
         logger=False,
         callbacks=[],
@@ -167,13 +169,62 @@ def _stage_config(base: dict[str, Any], settings: dict[str, Any], root: Path) ->
     return config
 
 
-def score_setting(base: dict[str, Any], settings: dict[str, Any], root: Path, cache: Any) -> dict[str, Any]:
-    """One ``trainer.test`` of the run's ScoringModule with ``settings``; returns its results dict."""
+class _MemoDataset:
+    """An evaluation split whose items are read once and then served from memory (same tensors every row)."""
+
+    def __init__(self, base: Any) -> None:
+        self.base = base
+        self.memo: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> Any:
+        if index not in self.memo:
+            self.memo[index] = self.base[index]
+        return self.memo[index]
+
+    def __getattr__(self, name: str) -> Any:  # items, entries, ... of the wrapped dataset
+        return getattr(self.base, name)
+
+
+def _memoise_eval_splits(datamodule: Any) -> Any:
+    """Serve the validation and test splits of ``datamodule`` from memory after their first pass (they have no
+    augmentation, so every pass yields the same items); data modules without ``dataset(split)`` are left as is."""
+    if not callable(getattr(datamodule, "dataset", None)):
+        return datamodule
+    original, memo = datamodule.dataset, {}
+
+    def dataset(split: str) -> Any:
+        if split not in ("val", "test"):
+            return original(split)
+        if split not in memo:
+            memo[split] = _MemoDataset(original(split))
+        return memo[split]
+
+    datamodule.dataset = dataset
+    return datamodule
+
+
+def score_setting(
+    base: dict[str, Any],
+    settings: dict[str, Any],
+    root: Path,
+    cache: Any,
+    shared: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One ``trainer.test`` of the run's ScoringModule with ``settings``; returns its results dict.
+
+    ``shared`` (a dict kept across rows) holds the data module of the first row: every row reads the same
+    batches, the second row on from memory.
+    """
     from lsgs.cli import instantiate_stage
 
     cli = instantiate_stage(_stage_config(base, settings, root))
+    shared = {} if shared is None else shared
+    datamodule = shared.setdefault("datamodule", _memoise_eval_splits(cli.datamodule))
     cli.model.cache = cache
-    cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
+    cli.trainer.test(cli.model, datamodule=datamodule, verbose=False)
     return cli.model.results
 
 
@@ -218,9 +269,10 @@ def run_study(
         print(f"[lsgs] scoring study: {len(rows) - len(pending)} of {len(rows)} rows done, scoring {len(pending)}",
               flush=True)  # fmt: skip
     cache = ScoringCache(max_restoration_bytes=int(cache_gb * 2**30))
+    shared: dict[str, Any] = {}
     for count, settings in enumerate(progress(pending, "scoring study"), start=1):
         started = time.time()
-        results = score_setting(base, settings, study_dir / "work", cache)
+        results = score_setting(base, settings, study_dir / "work", cache, shared)
         atomic_write_json(
             study_dir / "rows" / f"{row_id(settings)}.json",
             {
