@@ -192,7 +192,11 @@ def list_folder_images(directory: Path, key: str) -> list[Path]:
     """Image files of a folder (sorted; hidden files and non-images skipped); DataError when there are none."""
     files = image_io.list_images(directory)
     if not files:
-        raise DataError(f"{key}: folder {directory} is empty (no .png/.jpg/.jpeg/.bmp/.tif image files)")
+        subfolders = sorted(p.name for p in directory.iterdir() if p.is_dir() and image_io.is_visible(p))
+        hint = f"; sub-folders are not searched, list them instead: {subfolders[:3]}" if subfolders else ""
+        raise DataError(
+            f"{key}: folder {directory} is empty (no .png/.jpg/.jpeg/.bmp/.tif image files){hint}"
+        )
     return files
 
 
@@ -627,6 +631,11 @@ class FolderDataModule(AnomalyDataModule):
                 ]
                 rows.sort(key=lambda i: (Path(records[i]["path"]).name, records[i]["path"]))
                 test += [item(i, category) for i in rows]
+            if not normal_test:
+                rank_zero_warn(
+                    f"FolderDataModule({self.root}): no normal test image (normal_test_fraction=0 and no "
+                    "normal_test_dir), so the image AUROC is undefined"
+                )
         self._split_summary = {
             "seed": self.seed,
             "split_name": split_name,

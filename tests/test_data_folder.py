@@ -360,6 +360,8 @@ def test_category_names_from_folders() -> None:
 
 
 def test_no_anomalous_images_trains_and_validates_only(small: Path, data_cache_dir: Path) -> None:
+    with pytest.warns(UserWarning, match="no normal test image"):
+        small_dm(small, data_cache_dir, normal_test_fraction=0.0).setup()
     dm = small_dm(small, data_cache_dir, abnormal_dir=None, mask_suffix="")
     assert len(dm.dataset("train")) + len(dm.dataset("val")) == 6 and len(dm.dataset("test")) == 0
     assert dm.test_categories == [] and dm.split_summary["normal_test_source"] == "none"
@@ -432,7 +434,12 @@ def test_error_mask_not_binary_before_any_image_is_decoded(
 def test_error_empty_folder(small: Path, data_cache_dir: Path) -> None:
     (small / "empty").mkdir()
     (small / "empty" / "notes.txt").write_text("x")
-    with pytest.raises(DataError, match=r"normal_test_dir 'empty': folder .*empty is empty \(no .png"):
+    with pytest.raises(DataError, match=r"normal_test_dir 'empty': folder .*empty is empty \(no .png.*\)$"):
+        small_dm(small, data_cache_dir, normal_test_dir="empty").prepare_data()
+    (small / "empty" / "a").mkdir()
+    with pytest.raises(
+        DataError, match=r"is empty .*; sub-folders are not searched, list them instead: \['a'\]"
+    ):
         small_dm(small, data_cache_dir, normal_test_dir="empty").prepare_data()
 
 
