@@ -3,6 +3,7 @@ single-stage CLI, detect, errors)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -12,7 +13,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from lsgs.pipeline import main as pipeline_main
 
@@ -97,7 +100,23 @@ def test_pipeline_writes_every_stage_and_the_results(tiny_run: Path) -> None:
         assert (tiny_run / name).is_file(), name
     results = json.loads((tiny_run / "results.json").read_text())
     assert set(results["per_category"]) == {"fabric", "nut", "mesh"}
-    assert 0.0 <= results["pooled"]["pixel_auroc"] <= 1.0
+    # The metrics equal recomputations from the saved per-image scores and the saved pooled ROC curve: what a
+    # mix-up of labels, categories or ranks between the metrics and the written outputs would break. (The tiny
+    # 2-epoch models score near chance, so a quality floor would say nothing here.)
+    with (tiny_run / "scoring" / "image_scores.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 3 * 10  # every test image once: 3 categories x (2 good + 4 defects x 2)
+    labels = np.array([int(r["label"]) for r in rows])
+    scores = np.array([float(r["score"]) for r in rows])
+    assert results["pooled"]["image_auroc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    for category in ("fabric", "nut", "mesh"):
+        mine = np.array([r["category"] == category for r in rows])
+        assert results["per_category"][category]["image_auroc"] == pytest.approx(
+            roc_auc_score(labels[mine], scores[mine]), abs=1e-12
+        ), category
+    roc = np.load(tiny_run / "scoring" / "curves" / "curves.npz")
+    assert len(roc["fpr"]) < 2048  # not thinned: the curve holds every threshold, so the area is exact
+    assert results["pooled"]["pixel_auroc"] == pytest.approx(np.trapezoid(roc["tpr"], roc["fpr"]), abs=1e-9)
     assert list((tiny_run / "scoring" / "heatmaps").glob("*.png"))
     assert (tiny_run / "scoring" / "curves" / "roc.png").is_file()
     aggregation = json.loads((tiny_run / "aggregator" / "aggregation.json").read_text())
@@ -174,10 +193,22 @@ def test_two_process_ddp_run_equals_the_single_process_run(
         "--trainer.strategy=ddp",
         "--trainer.devices=2",
     )
+    logs = tmp_path / "torchrun-logs"
+    # torchrun's own status is 0 only if every rank exited 0 (checked by run_cli); --tee also keeps each
+    # rank's output in a file of its own, checked below.
     run_cli(
         ["pipeline", *args],
-        launcher=[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m"],
+        launcher=[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--log-dir={logs}",
+                  "--tee=3", "-m"],
     )
+    rank_logs = {int(p.name): p for p in logs.glob("*/attempt_0/*") if p.is_dir()}
+    assert sorted(rank_logs) == [0, 1], sorted(logs.rglob("*"))
+    for rank, folder in rank_logs.items():
+        stdout, stderr = (folder / "stdout.log").read_text(), (folder / "stderr.log").read_text()
+        assert "terminate called" not in stderr and "Traceback" not in stderr, (rank, stderr[-2000:])
+        # Every rank ran every stage; only rank 0 prints the final summary.
+        assert all(f"[lsgs] {stage}: starting" in stdout for stage in STAGES), (rank, stdout[-2000:])
+        assert ("run directory:" in stdout) == (rank == 0), rank
     assert_close(metrics_of(run_dir), metrics_of(tiny_run), tol=1e-4)
     # Only rank 0 wrote results, and nothing was written twice under another name.
     assert sorted(p.name for p in (run_dir / "scoring").glob("results*")) == [
@@ -202,16 +233,21 @@ def test_single_stage_cli_reruns_a_saved_stage_config(tiny_run: Path, tmp_path: 
 
 
 def test_help_on_every_command() -> None:
-    for command in (
-        ["--help"],
-        ["pipeline", "--help"],
-        ["ablate", "--help"],
-        ["detect", "--help"],
-        ["report", "--help"],
-        ["fit", "--help"],
-    ):
-        proc = run_cli(command)
-        assert "usage" in proc.stdout.lower() or "lsgs" in proc.stdout, command
+    from lsgs.cli import USAGE
+
+    # Each command's own help: the text a wrong dispatch (another command's help, an empty print) would lack.
+    expected = {
+        ("--help",): [USAGE.strip()],
+        ("pipeline", "--help"): ["usage: lsgs pipeline", "--run_dir RUN_DIR", "--vqvae.model"],
+        ("ablate", "--help"): ["usage: lsgs ablate {codebook,attention} --config EXPERIMENT.yaml"],
+        ("detect", "--help"): ["usage: lsgs detect", "--run_dir", "--images"],
+        ("report", "--help"): ["usage: lsgs report", "--run_dir"],
+        ("fit", "--help"): [" fit [-c CONFIG]", "--trainer.max_epochs"],
+    }
+    for command, texts in expected.items():
+        proc = run_cli(list(command))
+        for text in texts:
+            assert text in proc.stdout, (command, text, proc.stdout[:1000])
 
 
 def test_bad_configs_fail_with_one_clear_line(
