@@ -5,6 +5,7 @@ agreement between the ranks is checked."""
 
 from __future__ import annotations
 
+import copy
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -145,3 +146,24 @@ def test_restarts_take_rank_zero_vectors(
         assert (batch0 == code).all(dim=1).any()
     for rank in ranks:
         assert torch.equal(rank[name]["after_first"]["codebook"], first["codebook"])
+
+
+def receive(rank: int, q: VectorQuantizer, out_dir: str) -> None:
+    """Child of a spawn: save the state of the quantizer it received (and one more restart draw)."""
+    q(as_map(step_vectors(1)))
+    torch.save(q.state_dict(), Path(out_dir) / "received.pt")
+
+
+def test_a_trained_quantizer_with_every_option_can_be_sent_to_spawned_processes(tmp_path: Path) -> None:
+    """ddp_spawn and torch.multiprocessing pickle modules into the children; a torch.Generator attribute breaks
+    that (regression: the aggregator's ddp_spawn run died with 'unable to resize file')."""
+    torch.manual_seed(0)
+    q = VectorQuantizer(6, 3, ema_decay=0.8, dead_code_threshold=1.0, lookup_dim=2, l2_normalize=True)
+    q(as_map(step_vectors(0)))
+    assert q.num_restarts > 0
+    reference = copy.deepcopy(q)  # spawning moves q's tensors to shared memory: the child writes into them
+    mp.spawn(receive, args=(q, str(tmp_path)), nprocs=1, join=True)
+    reference(as_map(step_vectors(1)))  # the same step here: restart draws continue the same seeded sequence
+    received = torch.load(tmp_path / "received.pt", weights_only=False)
+    for key, value in reference.state_dict().items():
+        assert torch.equal(received[key], value), key

@@ -345,8 +345,10 @@ class VectorQuantizer(nn.Module):
         if lookup_dim is not None:
             self.project_in = nn.Linear(code_dim, lookup_dim)
             self.project_out = nn.Linear(lookup_dim, code_dim)
-        # Restart picks: seeded here, not checkpointed (a resumed run re-seeds it).
-        self._generator = torch.Generator().manual_seed(seed)
+        # Restart picks: seeded here, not checkpointed (a resumed run re-seeds it). Kept as the generator's state
+        # tensor, not as a torch.Generator: a Generator attribute breaks pickling into spawned processes
+        # (ddp_spawn, torch.multiprocessing).
+        self._rng_state = torch.Generator().manual_seed(seed).get_state()
         self._kmeans_vectors: list[Tensor] = []
         self.num_restarts = 0
 
@@ -499,10 +501,13 @@ class VectorQuantizer(nn.Module):
         if num_dead == 0:
             return
         available = flat.shape[0]
+        generator = torch.Generator()
+        generator.set_state(self._rng_state)
         if available >= num_dead:
-            picks = torch.randperm(available, generator=self._generator)[:num_dead]
+            picks = torch.randperm(available, generator=generator)[:num_dead]
         else:  # fewer vectors than dead codes: draw with replacement
-            picks = torch.randint(available, (num_dead,), generator=self._generator)
+            picks = torch.randint(available, (num_dead,), generator=generator)
+        self._rng_state = generator.get_state()
         vectors = flat[picks.to(flat.device)].float().contiguous()  # [num_dead, C]
         if _world_size() > 1:
             dist.broadcast(vectors, src=0)
