@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from sklearn.metrics import roc_auc_score
 
 from lsgs.pipeline import main as pipeline_main
@@ -96,6 +97,10 @@ def test_pipeline_writes_every_stage_and_the_results(tiny_run: Path) -> None:
         assert done["stage"] == stage and done["output"] == output
         assert (tiny_run / stage / output).is_file()
         assert (tiny_run / stage / "config.yaml").is_file()
+        # What bit-for-bit repeatability depends on besides config and seed (threads, processes, CPU, versions).
+        environment = done["environment"]
+        assert environment["torch_threads"] == torch.get_num_threads() and environment["world_size"] == 1
+        assert environment["versions"]["torch"] == torch.__version__ and environment["cpu"]
     for name in ("results.json", "results.csv", "results.md", "experiment.yaml", "summary.md", "report.html"):
         assert (tiny_run / name).is_file(), name
     results = json.loads((tiny_run / "results.json").read_text())
@@ -210,6 +215,7 @@ def test_two_process_ddp_run_equals_the_single_process_run(
         assert all(f"[lsgs] {stage}: starting" in stdout for stage in STAGES), (rank, stdout[-2000:])
         assert ("run directory:" in stdout) == (rank == 0), rank
     assert_close(metrics_of(run_dir), metrics_of(tiny_run), tol=1e-4)
+    assert json.loads((run_dir / "vqvae" / "done.json").read_text())["environment"]["world_size"] == 2
     # Only rank 0 wrote results, and nothing was written twice under another name.
     assert sorted(p.name for p in (run_dir / "scoring").glob("results*")) == [
         "results.csv",

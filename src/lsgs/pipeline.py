@@ -470,10 +470,50 @@ def _run_stage(experiment: Experiment, plan: StagePlan, run_info: dict[str, Any]
                 "seconds": round(time.time() - started, 2),
                 "output": plan.spec.output,
                 "metrics": summary,
+                "environment": compute_environment(trainer.world_size),
             },
         )
     trainer.strategy.barrier("lsgs-stage-done")
     _finish_loggers(trainer)
+
+
+def compute_environment(world_size: int = 1) -> dict[str, Any]:
+    """What a stage's numbers depend on besides its config and seed: CPU training is bit-for-bit repeatable only
+    with the same thread count, process count, CPU kind and library versions (float sums are split and
+    vectorised differently), so every ``done.json`` records them."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    versions = {}
+    for package in ("torch", "lightning", "numpy", "faiss-cpu", "faiss-gpu"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            continue
+    return {
+        "torch_threads": torch.get_num_threads(),
+        "world_size": int(world_size),
+        "cpu": _cpu_name(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "versions": versions,
+    }
+
+
+def _cpu_name() -> str:
+    """CPU model from /proc/cpuinfo where available (platform.processor() is often just the architecture)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _inject_run_settings(experiment: Experiment, plan: StagePlan, run_info: dict[str, Any]) -> dict[str, Any]:
