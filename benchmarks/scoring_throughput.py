@@ -36,8 +36,8 @@ from collections.abc import Callable
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import torch
-from machine import cpu_name  # benchmarks/machine.py (scripts run with benchmarks/ on sys.path)
 
+from lsgs.machine import cpu_name
 from lsgs.metrics.quantile import score_quantile
 from lsgs.nn.restoration import (
     code_nll,

@@ -25,9 +25,9 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import torch
 import torch.nn.functional as F
-from machine import cpu_name  # benchmarks/machine.py (scripts run with benchmarks/ on sys.path)
 from torch.utils.flop_counter import FlopCounterMode
 
+from lsgs.machine import cpu_name
 from lsgs.nn.vqvae import VQVAEConfig, VQVAENet
 
 

@@ -34,6 +34,7 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lsgs.distributed import process_group_teardown
 from lsgs.errors import ConfigError
 from lsgs.io import atomic_write_json, atomic_write_text
+from lsgs.machine import cpu_name
 
 STAGE_NAMES = ("vqvae", "aggregator", "finetune", "transformer", "scoring")
 BASELINE_NAMES = ("intensity", "pixel_gaussian", "ae", "vae")
@@ -495,25 +496,11 @@ def compute_environment(world_size: int = 1) -> dict[str, Any]:
     return {
         "torch_threads": torch.get_num_threads(),
         "world_size": int(world_size),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "python": platform.python_version(),
         "versions": versions,
     }
-
-
-def _cpu_name() -> str:
-    """CPU model from /proc/cpuinfo where available (platform.processor() is often just the architecture)."""
-    import platform
-
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _inject_run_settings(experiment: Experiment, plan: StagePlan, run_info: dict[str, Any]) -> dict[str, Any]:

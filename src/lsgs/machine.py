@@ -1,4 +1,4 @@
-"""Facts about the machine that every benchmark prints beside its figures."""
+"""Facts about the machine: printed by every benchmark beside its figures and recorded in each stage's done.json."""
 
 from __future__ import annotations
 
