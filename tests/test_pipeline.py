@@ -184,6 +184,22 @@ def test_killed_run_resumes_and_equals_the_uninterrupted_run(
     assert_close(metrics_of(run_dir), metrics_of(tiny_run), tol=0.0)
 
 
+def test_sigterm_exits_non_zero_and_the_rerun_resumes(
+    tiny_run: Path, tmp_path: Path, demo_mvtec_root: Path, data_cache_dir: Path
+) -> None:
+    """A scheduler's SIGTERM in stage 1: Lightning stops the stage by raising a SystemExit with no code; the run
+    must still exit non-zero (128 + SIGTERM) with nothing marked finished, and the re-run resumes."""
+    run_dir = tmp_path / "terminated"
+    args = tiny_args(demo_mvtec_root, data_cache_dir, run_dir)
+    first = run_cli(["pipeline", *args, "--fault_injection=vqvae:1:1:TERM"], check=False)
+    assert first.returncode == 128 + signal.SIGTERM, first.stderr[-2000:]
+    assert "stopped by SIGTERM" in first.stderr
+    assert not (run_dir / "vqvae" / "done.json").exists() and not (run_dir / "aggregator").exists()
+    second = run_cli(["pipeline", *args])
+    assert "vqvae: resuming from" in second.stdout
+    assert (run_dir / "scoring" / "done.json").is_file()
+
+
 def test_two_process_ddp_run_equals_the_single_process_run(
     tiny_run: Path, tmp_path: Path, demo_mvtec_root: Path, data_cache_dir: Path
 ) -> None:

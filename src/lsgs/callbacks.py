@@ -57,19 +57,22 @@ class RNGStateCheckpoint(Callback):
 
 
 class FaultInjection(Callback):
-    """Kills this process with SIGKILL at a given epoch and batch: used by the tests of interrupted runs.
+    """Sends this process a signal (SIGKILL by default) at a given epoch and batch: used by the tests of
+    interrupted runs (SIGKILL: a crash; SIGTERM: a scheduler's pre-emption, which Lightning handles).
 
     Args:
         epoch: epoch (0-based) in which to die.
         batch: training batch index (0-based) at whose start to die.
+        signal_name: ``KILL`` or ``TERM``.
     """
 
-    def __init__(self, epoch: int, batch: int) -> None:
+    def __init__(self, epoch: int, batch: int, signal_name: str = "KILL") -> None:
         self.epoch, self.batch = epoch, batch
+        self.signal = getattr(signal, f"SIG{signal_name}")
 
     @override
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if trainer.current_epoch == self.epoch and batch_idx == self.batch:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), self.signal)

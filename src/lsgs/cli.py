@@ -13,6 +13,7 @@ Every ``config.yaml`` the pipeline saves in a stage folder is a valid single-sta
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -92,6 +93,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except SystemExit as stop:
+        # Lightning stops a stage on SIGTERM by raising SIGTERMException, a SystemExit with no code, which would
+        # exit 0: a scheduler would then read a pre-empted run as finished. Exit as a SIGTERM'd process does.
+        if type(stop).__name__ == "SIGTERMException":
+            print("error: stopped by SIGTERM; re-run the same command to resume", file=sys.stderr)
+            sys.exit(128 + signal.SIGTERM)
+        raise
     else:
         # A multi-process run (torchrun, Lightning-launched DDP) of any command ends here: all ranks meet, then
         # the process group is destroyed, so gloo does not abort the process at interpreter exit.

@@ -129,7 +129,7 @@ def build_parser() -> ArgumentParser:
         parser.add_subclass_arguments(LightningModule, f"{stage}.model", required=False)
         parser.add_argument(f"--{stage}.trainer", type=dict[str, Any], default={})
     parser.add_argument(
-        "--fault_injection", type=str | None, default=None, help="testing only: STAGE:EPOCH:BATCH"
+        "--fault_injection", type=str | None, default=None, help="testing only: STAGE:EPOCH:BATCH[:KILL|TERM]"
     )
     return parser
 
@@ -542,13 +542,9 @@ def _inject_run_settings(experiment: Experiment, plan: StagePlan, run_info: dict
         )
         fault = experiment.config.get("fault_injection")
         if fault and fault.split(":")[0] == stage:
-            _, epoch, batch = fault.split(":")
-            callbacks.append(
-                {
-                    "class_path": "lsgs.callbacks.FaultInjection",
-                    "init_args": {"epoch": int(epoch), "batch": int(batch)},
-                }
-            )
+            _, epoch, batch, *signal_name = fault.split(":")
+            fault_args = {"epoch": int(epoch), "batch": int(batch), "signal_name": "".join(signal_name) or "KILL"}
+            callbacks.append({"class_path": "lsgs.callbacks.FaultInjection", "init_args": fault_args})
     else:
         trainer["enable_checkpointing"] = False
     trainer["callbacks"] = callbacks
