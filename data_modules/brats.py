@@ -30,8 +30,9 @@ import torch.nn.functional as F
 
 from data_modules import image_io
 from data_modules.base import AnomalyDataModule, Item, check_fraction, decode_workers, n_holdout
-from data_modules.cache import NpyStreamWriter, build_entry, cache_key, read_index, write_json
+from data_modules.cache import NpyStreamWriter, build_entry, cache_key, read_index
 from lsgs.errors import ConfigError, DataError, DataNotFoundError
+from lsgs.io import atomic_write_json
 
 CATEGORY = "brats"
 NORMALIZATIONS = ("percentile", "zscore")
@@ -279,7 +280,7 @@ def build_brats_cache(
         meta = [
             {"case_id": c.case_id, "group": c.group, "flair": str(c.flair), "seg": str(c.seg)} for c in cases
         ]
-        write_json(
+        atomic_write_json(
             tmp / "index.json",
             {"image_size": size, "normalization": normalization, "cases": meta, "rows": rows},
         )

@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from lsgs.io import atomic_write_json
+
 # Bump whenever the on-disk layout or the preprocessing code changes what a cached array contains.
 CACHE_FORMAT_VERSION = 1
 COMPLETE_MARKER = "COMPLETE"
@@ -128,14 +130,6 @@ class NpyStreamWriter:
         os.fsync(self._file.fileno())
         self._file.close()
         return self.rows
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    """Write JSON and fsync it."""
-    with open(path, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def read_index(entry: str | Path) -> dict[str, Any]:
@@ -239,7 +233,7 @@ def atomic_directory(
     tmp = parent / f"{prefix}{uuid.uuid4().hex[:12]}"
     tmp.mkdir()
     try:
-        write_json(tmp / OWNER_FILE, {"host": socket.gethostname(), "pid": os.getpid()})
+        atomic_write_json(tmp / OWNER_FILE, {"host": socket.gethostname(), "pid": os.getpid()})
         fill(tmp)
         (tmp / OWNER_FILE).unlink()
         _fsync_dir(tmp)
@@ -274,7 +268,7 @@ def build_entry(cache_root: str | Path, key: str, build: Callable[[Path], None])
 
     def fill(tmp: Path) -> None:
         build(tmp)
-        write_json(tmp / COMPLETE_MARKER, {"key": key, "version": CACHE_FORMAT_VERSION, "built": time.time()})
+        atomic_write_json(tmp / COMPLETE_MARKER, {"key": key, "version": CACHE_FORMAT_VERSION, "built": time.time()})
 
     def trusted(entry: Path) -> bool:
         return is_complete(entry)

@@ -22,8 +22,9 @@ from torch.utils.data import DataLoader
 
 from data_modules import image_io
 from data_modules.base import AnomalyDataModule, Item, check_fraction, decode_workers, n_holdout
-from data_modules.cache import NpyStreamWriter, build_entry, cache_key, read_index, write_json
+from data_modules.cache import NpyStreamWriter, build_entry, cache_key, read_index
 from lsgs.errors import ConfigError, DataError, DataNotFoundError
+from lsgs.io import atomic_write_json
 
 UNKNOWN_LABEL = -1
 
@@ -101,7 +102,7 @@ class ImageFolderDataModule(AnomalyDataModule):
             masks = NpyStreamWriter(tmp / "masks.npy", (size, size), np.uint8)
             masks.append(np.zeros((len(paths), size, size), dtype=np.uint8))
             masks.close()
-            write_json(tmp / "index.json", {"image_size": size, "items": [str(p) for p in paths]})
+            atomic_write_json(tmp / "index.json", {"image_size": size, "items": [str(p) for p in paths]})
 
         return [build_entry(self.cache_root, key, build)]
 
@@ -591,7 +592,7 @@ class FolderDataModule(AnomalyDataModule):
                 }
                 for s in samples
             ]
-            write_json(tmp / "index.json", {"image_size": size, "channels": channels, "items": records})
+            atomic_write_json(tmp / "index.json", {"image_size": size, "channels": channels, "items": records})
 
         return [build_entry(self.cache_root, key, build)]
 

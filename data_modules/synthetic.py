@@ -51,9 +51,10 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from data_modules.cache import atomic_directory, write_json
+from data_modules.cache import atomic_directory
 from data_modules.image_io import parallel_map
 from lsgs.errors import ConfigError, DataError
+from lsgs.io import atomic_write_json
 
 GENERATOR_VERSION = 1
 MARKER = ".lsgs-demo.json"
@@ -336,7 +337,7 @@ def _write_dataset(root: str | Path, params: dict[str, Any], fill: Callable[[Pat
 
     def fill_and_mark(tmp: Path) -> None:
         fill(tmp)
-        write_json(tmp / MARKER, wanted)
+        atomic_write_json(tmp / MARKER, wanted)
 
     return atomic_directory(root, fill_and_mark, trusted)
 
