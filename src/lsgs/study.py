@@ -68,6 +68,9 @@ GRID_OPTIONS: dict[str, Callable[[Any], str | None]] = {
     "temperature": lambda v: None if _number(v) and v > 0 else "must be a number > 0",
     "seed": lambda v: None if isinstance(v, int) and not isinstance(v, bool) else "must be an int",
     "val_quantile": lambda v: None if _number(v) and 0 < v < 1 else "must be a number in (0, 1)",
+    # Harness arguments (AnomalyMapModule): the image score of a map.
+    "image_score": _choice("max", "topk_mean"),
+    "image_topk": lambda v: None if _number(v) and 0 < v <= 1 else "must be a number in (0, 1]",
 }
 # Options that decide the restorations; rows sharing them share the decoded restorations in the cache.
 RESTORATION_OPTIONS = (

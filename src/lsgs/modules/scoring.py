@@ -28,12 +28,11 @@ from lsgs.errors import CheckpointError, ConfigError
 from lsgs.io import read_json
 from lsgs.metrics import AnomalyMetrics, ScoreQuantile
 from lsgs.metrics.histogram import pr_curve_from_histograms, roc_curve_from_histograms
-from lsgs.metrics.image import image_scores_from_maps
+from lsgs.metrics.image import IMAGE_SCORES, reduce_image_scores
 from lsgs.modules.transformer import load_code_transformer
 from lsgs.modules.vqvae import VQVAE
 from lsgs.nn.restoration import (
     code_nll,
-    image_scores,
     per_image_uniforms,
     reconstruction_error_map,
     restoration_anomaly_map,
@@ -68,6 +67,9 @@ class AnomalyMapModule(LightningModule, abc.ABC):
         heatmaps_per_category: test images per category drawn as heatmap panels (seeded choice).
         heatmap_seed: seed of that choice.
         calibration: a ``calibration.json`` of an earlier run to reuse instead of calibrating again.
+        image_score: image score of a map (image AUROC, image threshold, ``lsgs detect``, ``image_scores.csv``):
+            ``max`` (the paper's) or ``topk_mean``, the mean of the top ``image_topk`` fraction of the pixels.
+        image_topk: fraction q in (0, 1] of ``topk_mean`` (0.01: the top 1 % of the pixels).
     """
 
     method_name = "method"
@@ -85,6 +87,8 @@ class AnomalyMapModule(LightningModule, abc.ABC):
         heatmaps_per_category: int = 2,
         heatmap_seed: int = 0,
         calibration: str | None = None,
+        image_score: str = "max",
+        image_topk: float = 0.01,
     ) -> None:
         super().__init__()
         for name, value in (("val_quantile", val_quantile), ("image_quantile", image_quantile)):
@@ -92,6 +96,12 @@ class AnomalyMapModule(LightningModule, abc.ABC):
                 raise ConfigError(f"model.{name} must be in (0, 1), got {value}")
         if metric_region not in METRIC_REGIONS:
             raise ConfigError(f"model.metric_region={metric_region!r} is not one of {METRIC_REGIONS}")
+        if image_score not in IMAGE_SCORES:
+            raise ConfigError(f"model.image_score={image_score!r} is not one of {IMAGE_SCORES}")
+        if not 0.0 < image_topk <= 1.0:
+            raise ConfigError(f"model.image_topk must be in (0, 1], got {image_topk}")
+        self.image_score = image_score
+        self.image_topk = image_topk
         self.output_dir = Path(output_dir) if output_dir else None
         self.smoothing = smoothing
         self.smoothing_count_include_pad = smoothing_count_include_pad
@@ -143,6 +153,10 @@ class AnomalyMapModule(LightningModule, abc.ABC):
         if not self.smoothing:
             return masked, pictures
         return smooth_anomaly_map(masked, count_include_pad=self.smoothing_count_include_pad), pictures
+
+    def image_scores(self, maps: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B]`` image scores of ``[B, 1, H, W]`` final maps by ``image_score`` (over ``valid`` pixels if given)."""
+        return reduce_image_scores(maps, self.image_score, self.image_topk, valid)
 
     # ------------------------------------------------------------------------------------------- calibration
     def calibrate(self) -> dict[str, float]:
@@ -199,7 +213,7 @@ class AnomalyMapModule(LightningModule, abc.ABC):
         maps, _ = self.anomaly_map(batch)
         roi = batch["roi"] > 0.5
         self._pixel_quantile.update(maps, valid=roi)
-        self._image_quantile.update(image_scores(maps))
+        self._image_quantile.update(self.image_scores(maps))
 
     # ------------------------------------------------------------------------------------------- test
     @override
@@ -222,12 +236,11 @@ class AnomalyMapModule(LightningModule, abc.ABC):
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         maps, pictures = self.anomaly_map(batch)
         valid = batch["roi"] > 0.5 if self.metric_region == "roi" else None
-        metric_scores = None
+        metric_scores = self.image_scores(maps, valid)  # before the has_mask restriction below
         has_mask = batch.get("has_mask")
         if has_mask is not None and not bool(has_mask.all()):
             # Anomalous images without ground truth (FolderDataModule, allow_missing_masks): their all-zero
             # mask means "unknown", not "no defect", so they count for the image metrics only.
-            metric_scores = image_scores_from_maps(maps, valid)
             keep = has_mask.to(maps.device).view(-1, 1, 1, 1).expand_as(maps)
             valid = keep if valid is None else valid & keep
         self.metrics.update(
@@ -238,7 +251,7 @@ class AnomalyMapModule(LightningModule, abc.ABC):
             valid=valid,
             image_scores=metric_scores,
         )
-        scores = image_scores(maps)
+        scores = self.image_scores(maps)
         for i, index in enumerate(batch["index"].tolist()):
             self._image_rows.append(
                 {
@@ -297,7 +310,7 @@ class AnomalyMapModule(LightningModule, abc.ABC):
     @override
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         maps, _ = self.anomaly_map(batch)
-        scores = image_scores(maps)
+        scores = self.image_scores(maps)
         return {
             "path": list(batch["path"]),
             "image": batch["image"].float().cpu(),
