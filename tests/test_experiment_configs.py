@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lsgs.pipeline import parse_experiment, plan_experiment
+from lsgs.run import parse_experiment, plan_experiment
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "experiments").glob("*.yaml"))

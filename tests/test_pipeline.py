@@ -305,7 +305,7 @@ def test_ablations_write_their_tables(
     tiny_run: Path, tmp_path: Path, demo_mvtec_root: Path, data_cache_dir: Path
 ) -> None:
     from lsgs.ablations import run_ablation
-    from lsgs.pipeline import build_parser
+    from lsgs.run import build_parser
 
     run_dir = copy_run(tiny_run, tmp_path)
     config = build_parser().parse_args(tiny_args(demo_mvtec_root, data_cache_dir, run_dir))
@@ -324,10 +324,10 @@ def test_ablations_write_their_tables(
         == "vqvae-reconstruction"
     )
     # The table also goes to W&B (offline here) as a table of its own run in the experiment's group.
-    from lsgs.ablations import log_table_to_wandb
+    from lsgs.ablations import log_ablation_to_wandb
 
     config.logger = "wandb"
-    log_table_to_wandb(config, "attention", table)
+    log_ablation_to_wandb(config, "attention", table)
     assert len(list((run_dir / "ablations" / "wandb").glob("offline-run-*"))) == 1
 
 

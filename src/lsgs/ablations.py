@@ -8,22 +8,19 @@ the stages they have in common (e.g. all attention variants use the same fine-tu
 from __future__ import annotations
 
 import copy
-import csv
-import io
-import json
-import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from jsonargparse import Namespace
 
 from lsgs.distributed import process_group_teardown
 from lsgs.errors import ConfigError
-from lsgs.io import atomic_write_text
-from lsgs.pipeline import build_parser, parse_experiment, plan_experiment, run_experiment
-from lsgs.reporting import comparison_tables
+from lsgs.io import atomic_write_text, read_json
+from lsgs.layout import RunLayout
+from lsgs.reports.tables import comparison_tables
+from lsgs.run import build_parser, is_global_zero, parse_experiment, plan_experiment, run_experiment
+from lsgs.run.loggers import log_table_to_wandb, wandb_enabled
 
 TABLES = ("codebook", "attention")
 
@@ -34,7 +31,14 @@ def _variants(table: str) -> list[tuple[str, dict[str, Any], bool]]:
         return [("aggregated", {"aggregate": True}, True), ("learned", {"aggregate": False}, False)]
     return [
         ("global", {"transformer.model.init_args.attention": "global"}, True),
-        ("causal", {"transformer.model.init_args.attention": "causal"}, False),
+        (
+            "causal",
+            {
+                "transformer.model.class_path": "lsgs.modules.CausalTransformer",
+                "transformer.model.init_args.attention": "causal",
+            },
+            False,
+        ),
         ("w/o", {"transformer.model.init_args.attention": "none"}, False),
     ]
 
@@ -52,23 +56,21 @@ def run_ablation(table: str, config: Namespace) -> tuple[str, str]:
     """Run every variant of ``table`` and return the ``(markdown, csv)`` comparison."""
     if table not in TABLES:
         raise ConfigError(f"unknown ablation {table!r}; choose one of {TABLES}")
-    main_dir = Path(config.run_dir or Path("runs") / config.name)
+    main = RunLayout.for_experiment(config)
     named_results: list[tuple[str, dict[str, Any]]] = []
     extra: dict[str, dict[str, Any]] = {}
     for name, changes, is_main in _variants(table):
         variant = _apply(config, changes)
-        variant.run_dir = str(
-            main_dir if is_main else main_dir / "ablations" / f"{table}-{name.replace('/', '')}"
-        )
+        variant.run_dir = str(main.root if is_main else main.ablation(table, name).root)
         print(f"[lsgs] ablation {table}: variant '{name}' in {variant.run_dir}", flush=True)
-        experiment = plan_experiment(variant, reuse_dirs=[] if is_main else [main_dir])
+        experiment = plan_experiment(variant, reuse_dirs=[] if is_main else [main.root])
         results = run_experiment(experiment)
         if results is None:
             raise RuntimeError(f"variant '{name}' finished without results")
         named_results.append((name, results))
         if table == "codebook":
             stage = experiment.plans["finetune" if variant.aggregate else "vqvae"]
-            report = json.loads((stage.folder / "done.json").read_text())["metrics"]
+            report = read_json(stage.layout.done, "stage record")["metrics"]
             extra[name] = {
                 "effective size": report.get("effective_size"),
                 "codebook size": report.get("codebook_size"),
@@ -77,37 +79,19 @@ def run_ablation(table: str, config: Namespace) -> tuple[str, str]:
     # Paper order: learned before aggregated; w/o, causal, global.
     named_results.reverse()
     markdown, table_csv = comparison_tables(named_results, extra=extra)
-    out = main_dir / "ablations"
-    atomic_write_text(out / f"{table}.md", markdown)
-    atomic_write_text(out / f"{table}.csv", table_csv)
+    atomic_write_text(main.ablation_table(table, "md"), markdown)
+    atomic_write_text(main.ablation_table(table, "csv"), table_csv)
     return markdown, table_csv
 
 
-def log_table_to_wandb(config: Namespace, table: str, table_csv: str) -> None:
+def log_ablation_to_wandb(config: Namespace, table: str, table_csv: str) -> None:
     """The ablation table as a W&B table, in a small run of the experiment's group (offline unless
     WANDB_MODE=online; nothing when W&B is off)."""
-    if config.logger != "wandb" or os.environ.get("WANDB_MODE", "").lower() == "disabled":
+    if not wandb_enabled(config.logger):
         return
-    import wandb
-
-    main_dir = Path(config.run_dir or Path("runs") / config.name).resolve()
-    run_id = json.loads((main_dir / "run.json").read_text())["run_id"]
-    rows = list(csv.reader(io.StringIO(table_csv)))
-    data = [[_number(cell) for cell in row] for row in rows[1:]]
-    run = wandb.init(
-        project=config.wandb.project, entity=config.wandb.entity, group=f"{config.name}-{run_id}",
-        name=f"ablation-{table}", job_type="ablation", dir=str(main_dir / "ablations"),
-        mode="online" if os.environ.get("WANDB_MODE", "offline").lower() == "online" else "offline",
-    )
-    run.log({f"ablation/{table}": wandb.Table(columns=rows[0], data=data)})
-    run.finish()
-
-
-def _number(cell: str) -> float | str:
-    try:
-        return float(cell)
-    except ValueError:
-        return cell
+    main = RunLayout.for_experiment(config).resolved()
+    run_id = read_json(main.run_record, "run record")["run_id"]
+    log_table_to_wandb(config, run_id, f"ablation-{table}", main.ablations_dir, table_csv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -122,16 +106,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     _, config = parse_experiment(rest)
     with process_group_teardown():  # under DDP: barrier + destroy_process_group on every rank
         markdown, table_csv = run_ablation(table, config)
-    from lsgs.pipeline import _is_global_zero_env
-
-    if not _is_global_zero_env():  # under DDP the table, W&B run and summary are rank 0's
+    if not is_global_zero():  # under DDP the table, W&B run and summary are rank 0's
         return
-    log_table_to_wandb(config, table, table_csv)
-    from lsgs.report import write_summary
+    log_ablation_to_wandb(config, table, table_csv)
+    from lsgs.reports.summary import write_summary
 
-    write_summary(Path(config.run_dir or Path("runs") / config.name).resolve())
+    main_layout = RunLayout.for_experiment(config)
+    write_summary(main_layout.resolved().root)
     print()
     print(markdown)
-    print(
-        f"ablation table: {Path(config.run_dir or Path('runs') / config.name) / 'ablations' / (table + '.md')}"
-    )
+    print(f"ablation table: {main_layout.ablation_table(table, 'md')}")

@@ -3,7 +3,7 @@
     lsgs fit|validate|test|predict --config STAGE.yaml [--model.x=...]   one stage, through LightningCLI
     lsgs pipeline --config EXPERIMENT.yaml [--vqvae.model.x=...]        all stages of an experiment, resumable
     lsgs ablate {codebook,attention} --config EXPERIMENT.yaml            the paper's Tables 3 and 4
-    lsgs detect --run_dir RUN --images FOLDER                            heatmaps + scores for unlabelled images
+    lsgs detect --run_dir RUN --images FOLDER [--method NAME]            heatmaps + scores for unlabelled images
     lsgs report --run_dir RUN                                            summary table + self-contained HTML report
     lsgs study scoring --run_dir RUN --grid '{"map_reference": [...]}'   re-score a run over a grid of scoring options
 
@@ -16,45 +16,10 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 USAGE = __doc__
-
-
-def _lightning_cli_class() -> type:
-    from lightning.pytorch import LightningDataModule, LightningModule
-    from lightning.pytorch.cli import LightningCLI
-
-    class StageCLI(LightningCLI):
-        """LightningCLI with any LightningModule / LightningDataModule chosen by ``class_path``."""
-
-        def __init__(self, **kwargs: Any) -> None:
-            kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-            super().__init__(
-                LightningModule,
-                LightningDataModule,
-                subclass_mode_model=True,
-                subclass_mode_data=True,
-                auto_configure_optimizers=False,
-                **kwargs,
-            )
-
-    return StageCLI
-
-
-def instantiate_stage(config: dict[str, Any]) -> Any:
-    """Build trainer, model and data module of one stage from its LightningCLI config (a dict), without running."""
-    import warnings
-
-    cli_class = _lightning_cli_class()
-    with warnings.catch_warnings():
-        # LightningCLI warns when sys.argv holds arguments besides `args`; here they belong to `lsgs pipeline`.
-        warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
-        return cli_class(
-            args=config, run=False, save_config_callback=None, parser_kwargs={"exit_on_error": False}
-        )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -73,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
             ablate_main(argv[1:])
         elif command == "report":
-            from lsgs.report import main as report_main
+            from lsgs.reports.summary import main as report_main
 
             report_main(argv[1:])
         elif command == "detect":
@@ -87,7 +52,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         elif command in ("-h", "--help", "help"):
             print(USAGE)
         else:
-            _lightning_cli_class()(args=argv)
+            from lsgs.stage_cli import StageCLI
+
+            StageCLI(args=argv)
     except LSGSError as error:
         if os.environ.get("LSGS_TRACEBACK"):
             raise

@@ -21,8 +21,8 @@ from typing_extensions import override
 
 from lsgs.errors import ConfigError
 from lsgs.io import atomic_write_text, read_json
-from lsgs.reporting import csv_text
-from lsgs.viz import colorize, save_png, to_uint8_image
+from lsgs.reports.figures import colorize, save_png, to_uint8_image
+from lsgs.reports.tables import csv_text
 
 
 class HeatmapWriter(BasePredictionWriter):
@@ -91,7 +91,7 @@ def detect(
     accelerator: str = "auto",
 ) -> Path:
     from data_modules import ImageFolderDataModule
-    from lsgs.pipeline import import_class
+    from lsgs.classpath import import_class
 
     run_dir = Path(run_dir)
     config_path, calibration_path = (

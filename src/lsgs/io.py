@@ -64,3 +64,13 @@ def read_json(path: str | os.PathLike, argument: str) -> Any:
         raise ConfigError(f"{argument}: file '{path}' does not exist") from error
     except json.JSONDecodeError as error:
         raise ConfigError(f"{argument}: '{path}' is not valid JSON ({error})") from error
+
+
+def read_json_or_none(path: str | os.PathLike) -> Any:
+    """A JSON file that may legitimately be absent or unfinished (a marker such as ``done.json``): ``None`` then."""
+    from lsgs.errors import ConfigError
+
+    try:
+        return read_json(path, "file")
+    except ConfigError:
+        return None

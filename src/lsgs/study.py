@@ -39,9 +39,11 @@ from pathlib import Path
 from typing import Any
 
 from lsgs.errors import ConfigError
-from lsgs.io import atomic_write_json, atomic_write_text
+from lsgs.io import atomic_write_json, atomic_write_text, read_json, read_json_or_none
+from lsgs.layout import RunLayout
+from lsgs.methods.registry import LSGS_METHOD, evaluated_methods
 from lsgs.progress import progress
-from lsgs.reporting import METRIC_COLUMNS, csv_text, format_value, markdown_table
+from lsgs.reports.tables import METRIC_COLUMNS, csv_text, format_value, markdown_table
 
 
 def _number(value: Any) -> bool:
@@ -122,9 +124,8 @@ def _load_run(run_dir: Path) -> tuple[dict[str, Any], str]:
     """The run's scoring-stage config (LightningCLI dict) and its stage hash; errors if it is not finished."""
     import yaml
 
-    folder = run_dir / "scoring"
-    done = folder / "done.json"
-    config_path = folder / "config.yaml"
+    scoring = RunLayout.of(run_dir).scoring
+    done, config_path = scoring.done, scoring.config
     if not run_dir.is_dir():
         raise ConfigError(f"--run_dir '{run_dir}' does not exist")
     if not done.is_file() or not config_path.is_file():
@@ -134,14 +135,15 @@ def _load_run(run_dir: Path) -> tuple[dict[str, Any], str]:
     config = yaml.safe_load(config_path.read_text())
     if "ScoringModule" not in str(config.get("model", {}).get("class_path", "")):
         raise ConfigError(f"{config_path}: the scoring stage is not a ScoringModule")
-    return config, json.loads(done.read_text())["hash"]
+    return config, read_json(done, "scoring stage record")["hash"]
 
 
 def reproduce_command(run_dir: Path, settings: dict[str, Any]) -> str:
     """The ``lsgs test`` command that scores one setting alone, into ``RUN/studies/repro/<row id>``."""
-    out = run_dir / "studies" / "repro" / row_id(settings)
+    layout = RunLayout.of(run_dir)
+    out = layout.study_repro_dir(row_id(settings))
     args = [
-        "lsgs", "test", "-c", str(run_dir / "scoring" / "config.yaml"),
+        "lsgs", "test", "-c", str(layout.scoring.config),
         "--trainer.logger=false", "--trainer.devices=1", "--trainer.num_nodes=1", "--trainer.strategy=auto",
         f"--trainer.default_root_dir={out}", f"--model.init_args.output_dir={out}",
     ]  # fmt: skip
@@ -221,7 +223,7 @@ def score_setting(
     ``shared`` (a dict kept across rows) holds the data module of the first row: every row reads the same
     batches, the second row on from memory.
     """
-    from lsgs.cli import instantiate_stage
+    from lsgs.stage_cli import instantiate_stage
 
     cli = instantiate_stage(_stage_config(base, settings, root))
     shared = {} if shared is None else shared
@@ -249,7 +251,7 @@ def run_study(
 
     run_dir = Path(run_dir).resolve()
     base, scoring_hash = _load_run(run_dir)
-    study_dir = run_dir / "studies" / name
+    layout = RunLayout.of(run_dir)
     rows = grid_rows(grid)
     base_args = base["model"].get("init_args", {}) or {}
 
@@ -258,12 +260,8 @@ def run_study(
         return json.dumps([merged.get(k) for k in RESTORATION_OPTIONS])
 
     def done(settings: dict[str, Any]) -> dict[str, Any] | None:
-        path = study_dir / "rows" / f"{row_id(settings)}.json"
-        try:
-            record = json.loads(path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
-        return record if record.get("scoring_hash") == scoring_hash else None
+        record = read_json_or_none(layout.study_row(name, row_id(settings)))
+        return record if record is not None and record.get("scoring_hash") == scoring_hash else None
 
     pending = sorted(
         (r for r in rows if done(r) is None), key=restoration_key
@@ -275,9 +273,9 @@ def run_study(
     shared: dict[str, Any] = {}
     for count, settings in enumerate(progress(pending, "scoring study"), start=1):
         started = time.time()
-        results = score_setting(base, settings, study_dir / "work", cache, shared)
+        results = score_setting(base, settings, layout.study_work_dir(name), cache, shared)
         atomic_write_json(
-            study_dir / "rows" / f"{row_id(settings)}.json",
+            layout.study_row(name, row_id(settings)),
             {
                 "settings": settings,
                 "scoring_hash": scoring_hash,
@@ -297,16 +295,15 @@ def write_tables(
     run_dir: Path, name: str, grid: dict[str, list[Any]], records: Sequence[dict[str, Any]]
 ) -> str:
     """``RUN/studies/<name>.{md,csv}``: the study rows, then the run's LSGS row and its baselines (the floors)."""
-    from lsgs.report import collect_methods
-
+    layout = RunLayout.of(run_dir)
     keys = list(grid)
     metric_keys = [k for k, _ in METRIC_COLUMNS]
     floors = []
-    for method, folder in collect_methods(run_dir):
-        if method.startswith("ablation:"):
+    for method in evaluated_methods(run_dir):
+        if method.label.startswith("ablation:"):
             continue
-        label = "run as trained (scoring/)" if method == "LSGS" else method
-        floors.append((label, _row_values(json.loads((folder / "results.json").read_text()))))
+        label = "run as trained (scoring/)" if method.name == LSGS_METHOD else method.label
+        floors.append((label, _row_values(read_json(method.stage.results_json, "results"))))
     header_md = ["#", *keys, *(title for _, title in METRIC_COLUMNS), "s"]
     md_rows, csv_rows = [], []
     for number, record in enumerate(records, start=1):
@@ -337,9 +334,9 @@ def write_tables(
     )
     commands = "\n".join(f"{i}. `{r['command']}`" for i, r in enumerate(records, start=1))
     markdown = f"{title}\n\n{markdown_table(header_md, md_rows)}\nReproduce a row alone:\n\n{commands}\n"
-    atomic_write_text(run_dir / "studies" / f"{name}.md", markdown)
+    atomic_write_text(layout.study_table(name, "md"), markdown)
     atomic_write_text(
-        run_dir / "studies" / f"{name}.csv",
+        layout.study_table(name, "csv"),
         csv_text(["row", *keys, *metric_keys, "command"], csv_rows),
     )
     return markdown
@@ -380,6 +377,6 @@ def main(argv: Sequence[str] | None = None) -> str:
     started = time.time()
     markdown = run_study(args.run_dir, grid, args.name, args.cache_gb, args.kill_after_rows)
     print(markdown)
-    print(f"study tables: {Path(args.run_dir).resolve() / 'studies'}/{args.name}.{{md,csv}} "
+    print(f"study tables: {RunLayout.of(args.run_dir).resolved().study_table(args.name, '{md,csv}')} "
           f"({time.time() - started:.0f} s)")  # fmt: skip
     return markdown
