@@ -90,6 +90,24 @@ def test_a_printed_command_reproduces_its_row_exactly(studied: Path) -> None:
     )
 
 
+def test_the_image_score_is_a_grid_key(studied: Path) -> None:
+    """image_score / image_topk rows: max is the run's own scoring; topk_mean changes only the image score."""
+    grid = {"image_score": ["max", "topk_mean"], "image_topk": [0.05]}
+    study.main(["scoring", f"--run_dir={studied}", f"--grid={json.dumps(grid)}", "--name=image"])
+    by_max, by_topk = (
+        json.loads((studied / "studies" / "image" / "rows" / f"{study.row_id(s)}.json").read_text())
+        for s in ({"image_score": m, "image_topk": 0.05} for m in grid["image_score"])
+    )
+    results = json.loads((studied / "scoring" / "results.json").read_text())
+    assert by_max["results"]["mean"] == results["mean"]  # the run was scored with the default, max
+    assert by_max["calibration"] == results["calibration"]
+    pixel = ("pixel_auroc", "pixel_ap", "dice_best", "dice_val")
+    assert [by_topk["values"][k] for k in pixel] == [by_max["values"][k] for k in pixel]
+    assert by_topk["calibration"]["val_threshold"] == by_max["calibration"]["val_threshold"]
+    assert by_topk["calibration"]["image_threshold"] < by_max["calibration"]["image_threshold"]  # mean <= max
+    assert "--model.init_args.image_score=topk_mean" in by_topk["command"]
+
+
 def test_a_killed_study_resumes_and_gives_the_same_table(
     studied: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -129,6 +147,8 @@ def test_a_killed_study_resumes_and_gives_the_same_table(
         ('{"num_restorations": [2.5]}', "num_restorations=2.5 must be an int >= 1"),
         ('{"nll_threshold_scope": [true]}', "nll_threshold_scope=true must be one of"),
         ('{"nll_quantile": [0.9, 0.9]}', "lists a value twice"),
+        ('{"image_score": ["mean"]}', r"image_score=\"mean\" must be one of \['max', 'topk_mean'\]"),
+        ('{"image_topk": [0]}', r"image_topk=0 must be a number in \(0, 1\]"),
     ],
 )
 def test_a_bad_grid_fails_before_any_scoring(
