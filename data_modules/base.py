@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from data_modules.cache import default_cache_dir, open_arrays
 from data_modules.samplers import EvalDistributedSampler
 from data_modules.transforms import apply_transform, build_transforms
+from lsgs.contracts import predict_split_of
 from lsgs.errors import ConfigError
 
 SPLITS = ("train", "train_eval", "val", "test")
@@ -321,5 +322,5 @@ class AnomalyDataModule(pl.LightningDataModule, abc.ABC):
         attribute: the codebook aggregator predicts over the whole training set ("train")."""
         trainer = getattr(self, "trainer", None)
         model = getattr(trainer, "lightning_module", None) if trainer is not None else None
-        split = getattr(model, "predict_split", "test")
+        split = predict_split_of(model)
         return self._eval_loader("train_eval" if split == "train" else split)

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from data_modules import image_io
 from data_modules.base import AnomalyDataModule, Item, check_fraction, decode_workers, n_holdout
 from data_modules.cache import NpyStreamWriter, build_entry, cache_key, read_index
+from lsgs.contracts import predict_split_of
 from lsgs.errors import ConfigError, DataError, DataNotFoundError
 from lsgs.io import atomic_write_json
 
@@ -681,6 +682,6 @@ class FolderDataModule(AnomalyDataModule):
     def predict_dataloader(self) -> DataLoader:
         trainer = getattr(self, "trainer", None)
         model = getattr(trainer, "lightning_module", None) if trainer is not None else None
-        if getattr(model, "predict_split", "test") == "test" and not self.has_test:
+        if predict_split_of(model) == "test" and not self.has_test:
             raise self._no_test()
         return super().predict_dataloader()

@@ -65,6 +65,16 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, demo_mvtec_root: Path, da
 
 
 @pytest.fixture(scope="session")
+def tiny_vqvae(tmp_path_factory: pytest.TempPathFactory, demo_mvtec_root: Path, data_cache_dir: Path) -> tuple:
+    """The tiny stage-1 VQ-VAE of the module tests (test_module_vqvae.TINY, 2 epochs, seed 0, demo MVTec data at
+    32 px): ``(checkpoint path, fitted VQVAE module)``, trained once per session. Read-only."""
+    from test_module_vqvae import fit_vqvae, mvtec_datamodule
+
+    path = tmp_path_factory.mktemp("tiny-vqvae") / "vqvae.ckpt"
+    return path, fit_vqvae(path, mvtec_datamodule(demo_mvtec_root, data_cache_dir))
+
+
+@pytest.fixture(scope="session")
 def data_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Session-wide decoded-array cache directory (pass as `cache_dir=` to the data modules)."""
     return tmp_path_factory.mktemp("lsgs-cache")

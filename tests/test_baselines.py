@@ -1,4 +1,4 @@
-"""Tests of the baselines (src/lsgs/modules/baselines.py, src/lsgs/nn/autoencoder.py): end to end through the
+"""Tests of the baselines (src/lsgs/methods/, src/lsgs/nn/autoencoder.py): end to end through the
 evaluation harness on the demo data, learned statistics against numpy references from the dataset arrays, the
 harness's metrics against sklearn / exhaustive references on maps computed outside it, and every raise."""
 
@@ -22,16 +22,12 @@ from torch.utils.data import default_collate
 from data_modules import BraTSDataModule, MVTecDataModule
 from lsgs.checkpoints import checkpoint_metadata
 from lsgs.errors import CheckpointError, ConfigError, DataError, TrainingDivergedError
-from lsgs.modules.baselines import (
-    BASELINE_KIND,
-    AutoencoderBaseline,
-    IntensityBaseline,
-    PixelGaussianBaseline,
-    mean_and_variance,
-    pixel_gaussian_map,
-    standardised_intensity,
-)
-from lsgs.modules.scoring import AnomalyMapModule
+from lsgs.evaluation import AnomalyMapModule
+from lsgs.methods.autoencoder import AutoencoderBaseline
+from lsgs.methods.base import BASELINE_KIND
+from lsgs.methods.intensity import IntensityBaseline
+from lsgs.methods.pixel_gaussian import PixelGaussianBaseline
+from lsgs.methods.statistics import mean_and_variance, pixel_gaussian_map, standardised_intensity
 from lsgs.nn.autoencoder import ConvAutoencoder, gaussian_kl, kl_per_image_element
 from lsgs.nn.restoration import smooth_anomaly_map
 from lsgs.nn.vqvae import VQVAEConfig

@@ -19,7 +19,7 @@ from test_data_modules import IMAGE_SIZE, DataModuleContract
 from data_modules import FolderDataModule, ImageFolderDataModule
 from data_modules.folder import category_names
 from lsgs.errors import ConfigError, DataError, DataNotFoundError
-from lsgs.modules.scoring import AnomalyMapModule
+from lsgs.evaluation import AnomalyMapModule
 
 
 @pytest.fixture

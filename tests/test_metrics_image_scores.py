@@ -14,9 +14,9 @@ from sklearn.metrics import roc_auc_score
 
 from data_modules import MVTecDataModule
 from lsgs.errors import ConfigError, DataError
+from lsgs.methods.intensity import IntensityBaseline
 from lsgs.metrics.image import reduce_image_scores, topk_count, topk_mean_scores
 from lsgs.metrics.quantile import score_quantile
-from lsgs.modules.baselines import IntensityBaseline
 from lsgs.nn.restoration import image_scores as old_image_scores
 
 

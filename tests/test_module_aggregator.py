@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from test_module_vqvae import brute_force_codes, fit_vqvae, make_trainer, mvtec_datamodule
+from test_module_vqvae import brute_force_codes, make_trainer, mvtec_datamodule
 
 from data_modules import MVTecDataModule
 from lsgs.distributed import spawn_teardown_callback
@@ -45,9 +45,9 @@ def datamodule(demo_mvtec_root: Path, data_cache_dir: Path) -> MVTecDataModule:
 
 
 @pytest.fixture(scope="module")
-def stage1(tmp_path_factory: pytest.TempPathFactory, datamodule: MVTecDataModule) -> tuple[Path, VQVAE]:
-    path = tmp_path_factory.mktemp("vqvae") / "vqvae.ckpt"
-    return path, fit_vqvae(path, datamodule)
+def stage1(tiny_vqvae: tuple[Path, VQVAE]) -> tuple[Path, VQVAE]:
+    """The session's tiny stage-1 VQ-VAE (``fit_vqvae``, 2 epochs): checkpoint and module (read-only)."""
+    return tiny_vqvae
 
 
 @pytest.fixture(scope="module")

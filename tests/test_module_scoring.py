@@ -17,19 +17,19 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import seed_everything
 from sklearn.metrics import roc_auc_score
-from test_module_vqvae import fit_vqvae, make_trainer, mvtec_datamodule
+from test_module_vqvae import make_trainer, mvtec_datamodule
 from torch.utils.data import Dataset
 
 import lsgs.modules.scoring as scoring_module
 from data_modules import MVTecDataModule
 from lsgs.distributed import spawn_teardown_callback
 from lsgs.errors import CheckpointError, ConfigError
+from lsgs.layout import StageLayout, evaluation_files
 from lsgs.metrics.histogram import bin_of_threshold, threshold_of_bin
 from lsgs.metrics.quantile import score_quantile
-from lsgs.modules import CodebookAggregator, GlobalTransformer, ScoringModule
+from lsgs.modules import CausalTransformer, CodebookAggregator, GlobalTransformer, ScoringModule
 from lsgs.modules.aggregator import AGGREGATED_CHECKPOINT
 from lsgs.nn.restoration import code_nll, smooth_anomaly_map
-from lsgs.reporting import RESULTS_FILES
 
 BITS = 16
 TEST_IMAGES = 30  # 3 categories x (2 good + 4 defects x 2)
@@ -108,21 +108,25 @@ def datamodule(demo_mvtec_root: Path, data_cache_dir: Path) -> MVTecDataModule:
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory, datamodule: MVTecDataModule) -> Models:
-    """Stages 1, 2 and 4 on the demo data; the global transformer trains long enough to know normal codes."""
+def models(
+    tmp_path_factory: pytest.TempPathFactory, datamodule: MVTecDataModule, tiny_vqvae: tuple[Path, Any]
+) -> Models:
+    """Stages 1 (the session's tiny VQ-VAE), 2 and 4 on the demo data; the global transformer trains long enough
+    to know normal codes."""
     out = tmp_path_factory.mktemp("models")
-    fit_vqvae(out / "vqvae.ckpt", datamodule)
-    aggregator = CodebookAggregator(str(out / "vqvae.ckpt"), output_dir=str(out))
+    aggregator = CodebookAggregator(str(tiny_vqvae[0]), output_dir=str(out))
     make_trainer(out).predict(aggregator, datamodule=datamodule, return_predictions=False)
     paths = {}
     for attention, epochs in (("global", 15), ("causal", 1)):
         seed_everything(0, verbose=False)
-        model = GlobalTransformer(str(out / AGGREGATED_CHECKPOINT), attention=attention, **TRANSFORMER)
+        model = {"global": GlobalTransformer, "causal": CausalTransformer}[attention](
+            str(out / AGGREGATED_CHECKPOINT), **TRANSFORMER
+        )
         trainer = make_trainer(out, max_epochs=epochs)
         trainer.fit(model, datamodule=datamodule)
         paths[attention] = out / f"{attention}.ckpt"
         trainer.save_checkpoint(paths[attention], weights_only=True)
-    return Models(out / "vqvae.ckpt", out / AGGREGATED_CHECKPOINT, paths["global"], paths["causal"])
+    return Models(tiny_vqvae[0], out / AGGREGATED_CHECKPOINT, paths["global"], paths["causal"])
 
 
 @dataclass
@@ -236,8 +240,9 @@ def test_thresholds_are_quantiles_of_validation_normals_and_test_data_is_not_rea
 
 def test_outputs_are_written(scored: Scored) -> None:
     out, module = scored.output_dir, scored.module
-    for name in RESULTS_FILES:
-        assert (out / name).is_file(), name
+    for path in evaluation_files(StageLayout.of(out)):
+        assert path.is_file(), path
+    assert not StageLayout.of(out).last_checkpoint.exists()  # LSGS learns nothing while it is evaluated
     results = json.loads((out / "results.json").read_text())
     assert results == json.loads(json.dumps(module.results))
     assert results["method"] == "lsgs" and results["num_test_images"] == TEST_IMAGES

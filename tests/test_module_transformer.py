@@ -1,5 +1,6 @@
-"""Stage 4 LightningModule ``GlobalTransformer``: checkpoints without the frozen VQ-VAE, resuming, sizes read from
-the VQ-VAE checkpoint, user errors, per-image tampering, logged metrics, divergence."""
+"""Stage 4 LightningModules ``GlobalTransformer`` and ``CausalTransformer``: checkpoints without the frozen VQ-VAE,
+resuming, sizes read from the VQ-VAE checkpoint, user errors, each class's attention, per-image tampering, logged
+metrics, divergence."""
 
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ from test_module_vqvae import fit_vqvae, make_trainer, mvtec_datamodule
 from data_modules import MVTecDataModule
 from lsgs.checkpoints import state_fingerprint
 from lsgs.errors import CheckpointError, ConfigError, TrainingDivergedError
-from lsgs.modules import VQVAE, GlobalTransformer
+from lsgs.modules import VQVAE, CausalTransformer, CodeTransformerModule, GlobalTransformer
 from lsgs.modules.transformer import load_code_transformer
 
+TRANSFORMERS = {"global": GlobalTransformer, "causal": CausalTransformer}
 SMALL = {"d_model": 16, "n_layers": 1, "n_heads": 2, "dropout": 0.0, "lr": 3e-3, "warmup_steps": 2}
 STEPS_PER_EPOCH = math.ceil(42 / 8)
 
@@ -31,10 +33,9 @@ def datamodule(demo_mvtec_root: Path, data_cache_dir: Path) -> MVTecDataModule:
 
 
 @pytest.fixture(scope="module")
-def vqvae_checkpoint(tmp_path_factory: pytest.TempPathFactory, datamodule: MVTecDataModule) -> Path:
-    path = tmp_path_factory.mktemp("vqvae") / "vqvae.ckpt"
-    fit_vqvae(path, datamodule)
-    return path
+def vqvae_checkpoint(tiny_vqvae: tuple[Path, Any]) -> Path:
+    """The session's tiny stage-1 VQ-VAE checkpoint (``fit_vqvae``, 2 epochs)."""
+    return tiny_vqvae[0]
 
 
 def fit_transformer(
@@ -47,7 +48,7 @@ def fit_transformer(
 ) -> tuple[GlobalTransformer, Any, Path]:
     """Fit for ``max_epochs`` (resuming from ``ckpt_path``); full checkpoints of every epoch go to ``out_dir``."""
     seed_everything(0, verbose=False)
-    model = GlobalTransformer(str(vqvae_checkpoint), **{**SMALL, **kwargs})
+    model = TRANSFORMERS[kwargs.pop("attention", "global")](str(vqvae_checkpoint), **{**SMALL, **kwargs})
     every_epoch = ModelCheckpoint(dirpath=out_dir, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
     trainer = make_trainer(out_dir, max_epochs=max_epochs, enable_checkpointing=True, callbacks=[every_epoch])
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -77,6 +78,8 @@ def test_checkpoint_excludes_the_vqvae_and_rebuilds_the_net(
     assert any(k.startswith("vqvae.") for k in model.state_dict())  # they were there to exclude
     meta = checkpoint["lsgs"]
     assert meta["kind"] == "transformer" and meta["vqvae_checkpoint"] == str(vqvae_checkpoint)
+    # LightningCLI rebuilds the named class the checkpoint was trained with.
+    assert checkpoint["hyper_parameters"]["_class_path"] == f"lsgs.modules.transformer.{type(model).__name__}"
     assert meta["vqvae_fingerprint"] == state_fingerprint(
         VQVAE.from_checkpoint(str(vqvae_checkpoint)).state_dict()
     )
@@ -166,6 +169,20 @@ def test_bad_settings_are_config_errors(kwargs: dict[str, Any], match: str, vqva
         GlobalTransformer(str(vqvae_checkpoint), **kwargs)
 
 
+@pytest.mark.parametrize("attention", ["global", "causal"])
+def test_each_named_transformer_trains_its_own_attention(attention: str, vqvae_checkpoint: Path) -> None:
+    cls, other = TRANSFORMERS[attention], {"global": "causal", "causal": "global"}[attention]
+    model = cls(str(vqvae_checkpoint), **SMALL)
+    assert model.hparams.attention == attention and model.config.attention == attention
+    assert cls(str(vqvae_checkpoint), attention=attention, **SMALL).config.attention == attention
+    # The other attention names the class that trains it (what `lsgs ablate attention` switches to).
+    with pytest.raises(ConfigError, match=rf"model.attention='{other}': {cls.__name__} trains {attention} "
+                       rf"attention; use model.class_path=lsgs.modules.{TRANSFORMERS[other].__name__}"):
+        cls(str(vqvae_checkpoint), attention=other, **SMALL)
+    # The shared base trains either.
+    assert CodeTransformerModule(str(vqvae_checkpoint), attention=other, **SMALL).config.attention == other
+
+
 def test_the_vqvae_checkpoint_is_required_and_checked(fitted: tuple[GlobalTransformer, Any, Path]) -> None:
     with pytest.raises(ConfigError, match=r"model\.vqvae_checkpoint is required"):
         GlobalTransformer()
@@ -235,7 +252,7 @@ def test_the_training_loss_follows_loss_reduction(
     attention: str, reduction: str, vqvae_checkpoint: Path, datamodule: MVTecDataModule
 ) -> None:
     """training_step's loss equals Eq. 6 (or plain CE) computed directly from the net's logits and the tampering."""
-    model = GlobalTransformer(str(vqvae_checkpoint), attention=attention, loss_reduction=reduction, **SMALL)
+    model = TRANSFORMERS[attention](str(vqvae_checkpoint), loss_reduction=reduction, **SMALL)
     model.eval()  # dropout is 0 anyway; eval keeps the forward deterministic
     data = datamodule.dataset("train_eval")
     indices = [0, 3, 8]

@@ -91,10 +91,9 @@ def datamodule(demo_mvtec_root: Path, data_cache_dir: Path) -> MVTecDataModule:
 
 
 @pytest.fixture(scope="module")
-def stage1(tmp_path_factory: pytest.TempPathFactory, datamodule: MVTecDataModule) -> tuple[Path, VQVAE]:
-    """A VQ-VAE fitted for 2 epochs: its checkpoint and the in-memory module (read-only)."""
-    path = tmp_path_factory.mktemp("vqvae") / "vqvae.ckpt"
-    return path, fit_vqvae(path, datamodule)
+def stage1(tiny_vqvae: tuple[Path, VQVAE]) -> tuple[Path, VQVAE]:
+    """A VQ-VAE fitted for 2 epochs (``fit_vqvae``; the session's ``tiny_vqvae``): checkpoint and module (read-only)."""
+    return tiny_vqvae
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,14 @@
-"""Anomaly-detection methods evaluated by the shared harness (``lsgs.evaluation``).
+"""Anomaly-detection methods evaluated by the shared harness (``lsgs.evaluation``) besides LSGS.
+
+Simple baselines with the same data modules, ROI masking and smoothing, calibration on validation normals,
+metrics and output files as LSGS; a method that does not beat these floors is not worth its complexity:
+
+- ``intensity`` (``intensity.py``): the image itself, standardised with training statistics.
+- ``pixel_gaussian`` (``pixel_gaussian.py``): a per-pixel Gaussian of the training images.
+- ``ae`` / ``vae`` (``autoencoder.py``, ``variational: true`` for the VAE): reconstruction error of a conv
+  autoencoder / VAE with the VQ-VAE's encoder/decoder shape (paper Table 1).
+
+``base.py`` holds what they share, ``statistics.py`` the pure maths of the statistical two.
 
 ``BUILTIN_METHODS`` maps each built-in method's name (the ``baselines.<name>`` key of an experiment config) to the
 ``class_path`` of its LightningModule. The registry (``lsgs.methods.registry``) reads it; a new method is one
@@ -6,8 +16,8 @@ module plus one entry here (or one entry registered from outside ``lsgs``).
 """
 
 BUILTIN_METHODS: dict[str, str] = {
-    "intensity": "lsgs.modules.baselines.IntensityBaseline",
-    "pixel_gaussian": "lsgs.modules.baselines.PixelGaussianBaseline",
-    "ae": "lsgs.modules.baselines.AutoencoderBaseline",
-    "vae": "lsgs.modules.baselines.AutoencoderBaseline",
+    "intensity": "lsgs.methods.intensity.IntensityBaseline",
+    "pixel_gaussian": "lsgs.methods.pixel_gaussian.PixelGaussianBaseline",
+    "ae": "lsgs.methods.autoencoder.AutoencoderBaseline",
+    "vae": "lsgs.methods.autoencoder.AutoencoderBaseline",
 }

@@ -1,18 +1,18 @@
-"""LightningModules, one per stage: VQ-VAE (stages 1 and 3), aggregator (2), transformer (4), scoring (5)."""
+"""LightningModules of the LSGS stages: VQ-VAE (stages 1 and 3), aggregator (2), transformer (4), scoring (5).
+
+The evaluation harness is ``lsgs.evaluation``; the other evaluated methods (baselines) are in ``lsgs.methods``.
+"""
 
 from lsgs.modules.aggregator import CodebookAggregator
-from lsgs.modules.baselines import AutoencoderBaseline, IntensityBaseline, PixelGaussianBaseline
-from lsgs.modules.scoring import AnomalyMapModule, ScoringModule
-from lsgs.modules.transformer import GlobalTransformer
+from lsgs.modules.scoring import ScoringModule
+from lsgs.modules.transformer import CausalTransformer, CodeTransformerModule, GlobalTransformer
 from lsgs.modules.vqvae import VQVAE
 
 __all__ = [
     "VQVAE",
-    "AnomalyMapModule",
-    "AutoencoderBaseline",
+    "CausalTransformer",
+    "CodeTransformerModule",
     "CodebookAggregator",
     "GlobalTransformer",
-    "IntensityBaseline",
-    "PixelGaussianBaseline",
     "ScoringModule",
 ]

@@ -39,6 +39,7 @@ from lsgs.checkpoints import VQVAE_KIND, checkpoint_metadata, load_checkpoint
 from lsgs.errors import ConfigError
 from lsgs.io import atomic_torch_save, atomic_write_json
 from lsgs.kmeans import kmeans
+from lsgs.layout import AGGREGATION_REPORT, STAGE_OUTPUTS, StageLayout
 from lsgs.metrics.codebook import usage_statistics
 from lsgs.modules.vqvae import VQVAE
 from lsgs.nn.quantizer import VectorQuantizer, nearest_codes
@@ -47,8 +48,9 @@ from lsgs.progress import progress
 # The aggregator's predict_step returns nothing on purpose (it accumulates encodings); Lightning warns otherwise.
 warnings.filterwarnings("ignore", message="predict returned None")
 
-AGGREGATED_CHECKPOINT = "aggregated.ckpt"
-AGGREGATION_REPORT = "aggregation.json"
+# File names of its outputs, as lsgs.layout names them (kept here for the tests and callers that import them).
+AGGREGATED_CHECKPOINT = STAGE_OUTPUTS["aggregator"]
+__all__ = ["AGGREGATED_CHECKPOINT", "AGGREGATION_REPORT", "CodebookAggregator"]
 KMEANS_INITS = ("random", "kmeans++", "codebook")
 
 
@@ -298,9 +300,9 @@ class CodebookAggregator(LightningModule):
         }
 
     def save_outputs(self, output_dir: str | Path) -> Path:
-        output_dir = Path(output_dir)
-        path = atomic_torch_save(self.aggregated_checkpoint(), output_dir / AGGREGATED_CHECKPOINT)
-        atomic_write_json(output_dir / AGGREGATION_REPORT, self.report)
+        layout = StageLayout.of(output_dir)
+        path = atomic_torch_save(self.aggregated_checkpoint(), layout.aggregated_checkpoint)
+        atomic_write_json(layout.aggregation_report, self.report)
         rank_zero_info(f"aggregated codebook written to {path}")
         return path
 

@@ -1,4 +1,5 @@
-"""Stage 4: the global-sensitive transformer (paper §2.2), trained on the code maps of a frozen VQ-VAE."""
+"""Stage 4: the global-sensitive transformer (paper §2.2) and its causal ablation, trained on the code maps of a
+frozen VQ-VAE."""
 
 from __future__ import annotations
 
@@ -24,21 +25,28 @@ from lsgs.nn.transformer import (
 )
 
 ATTENTION_CHOICES = ("global", "causal", "none")
+# The named model of each attention (``lsgs ablate attention`` switches between them).
+TRANSFORMER_CLASS_PATHS = {
+    "global": "lsgs.modules.GlobalTransformer",
+    "causal": "lsgs.modules.CausalTransformer",
+}
 
 
-class GlobalTransformer(LightningModule):
-    """A transformer over the ``h*w`` codes of an image; vocabulary and length come from the VQ-VAE checkpoint.
+class CodeTransformerModule(LightningModule):
+    """Stage 4: a transformer over the ``h*w`` codes of an image; vocabulary and length come from the VQ-VAE checkpoint.
 
-    ``attention="global"`` (the method): full attention; a ``tamper_ratio`` of the positions of each code map is
-    replaced by random codes and the model learns to predict the originals with the loss
-    ``(1 - beta)·CE(tampered) + beta·CE(untampered)`` (paper Eq. 6). ``attention="causal"`` (the prior work's
-    autoregressive model, Table 4's "vanilla transformer"): raster-order next-code prediction from a start token,
-    plain cross-entropy. ``attention="none"`` means no transformer at all: the pipeline skips this stage and the
-    scoring falls back to VQ-VAE reconstruction error.
+    The shared LightningModule of the two named models (use those): ``GlobalTransformer`` (the method, paper §2.2)
+    and ``CausalTransformer`` (the prior work's model, the ablation of Table 4). ``attention="global"``: full
+    attention; a ``tamper_ratio`` of the positions of each code map is replaced by random codes and the model
+    learns to predict the originals with the loss ``(1 - beta)·CE(tampered) + beta·CE(untampered)`` (paper Eq. 6).
+    ``attention="causal"``: raster-order next-code prediction from a start token, plain cross-entropy.
+    ``attention="none"`` means no transformer at all: the pipeline skips this stage and the scoring falls back to
+    VQ-VAE reconstruction error.
 
     Args:
         vqvae_checkpoint: the (fine-tuned) VQ-VAE whose codes the transformer models; frozen, not saved again.
-        attention: ``global`` or ``causal``.
+        attention: ``global`` or ``causal``; None = the class's own (``ATTENTION``). A named class accepts only its
+            own (the pipeline reads this argument to know whether the experiment has a transformer).
         d_model, n_layers, n_heads, mlp_ratio, dropout: transformer size (paper: 768, 12, 12, 4, -).
         tamper_ratio: fraction of positions replaced by random codes (paper: 0.1); global only.
         beta: weight of the untampered positions in the loss (paper: 0.01); global only.
@@ -52,10 +60,12 @@ class GlobalTransformer(LightningModule):
             does not depend on batching or on how the data is sharded over DDP ranks.
     """
 
+    ATTENTION: str | None = None  # the attention a named subclass trains; None: either
+
     def __init__(
         self,
         vqvae_checkpoint: str | None = None,
-        attention: str = "global",
+        attention: str | None = None,
         d_model: int = 128,
         n_layers: int = 2,
         n_heads: int = 4,
@@ -72,12 +82,20 @@ class GlobalTransformer(LightningModule):
         super().__init__()
         if vqvae_checkpoint is None:
             raise ConfigError("model.vqvae_checkpoint is required (the pipeline fills it in)")
+        if attention is None:
+            attention = self.ATTENTION or "global"
         if attention not in ATTENTION_CHOICES:
             raise ConfigError(f"model.attention={attention!r} is not one of {ATTENTION_CHOICES}")
         if attention == "none":
             raise ConfigError(
                 "model.attention='none' means no transformer: skip the transformer stage (the pipeline does this "
                 "by itself) and score with the VQ-VAE reconstruction error"
+            )
+        if self.ATTENTION is not None and attention != self.ATTENTION:
+            other = TRANSFORMER_CLASS_PATHS[attention]
+            raise ConfigError(
+                f"model.attention={attention!r}: {type(self).__name__} trains {self.ATTENTION} attention; "
+                f"use model.class_path={other}"
             )
         if not 0.0 < tamper_ratio < 1.0:
             raise ConfigError(f"model.tamper_ratio must be in (0, 1), got {tamper_ratio}")
@@ -208,13 +226,30 @@ class GlobalTransformer(LightningModule):
             vqvae_fingerprint=self.vqvae_fingerprint,
             vqvae_checkpoint=str(self.hparams.vqvae_checkpoint),
         )
-        checkpoint["hyper_parameters"]["_class_path"] = f"{GlobalTransformer.__module__}.GlobalTransformer"
+        # LightningCLI (`lsgs validate --ckpt_path ...`) rebuilds the model from this in subclass mode.
+        checkpoint["hyper_parameters"]["_class_path"] = f"{type(self).__module__}.{type(self).__qualname__}"
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["state_dict"]
         for key, value in self.vqvae.state_dict().items():
             state.setdefault(f"vqvae.{key}", value)
+
+
+
+class GlobalTransformer(CodeTransformerModule):
+    """The method's transformer (paper §2.2, the design card's name): full attention over the code map, trained
+    to restore tampered codes (Eq. 6). See ``CodeTransformerModule`` for the arguments."""
+
+    ATTENTION = "global"
+
+
+class CausalTransformer(CodeTransformerModule):
+    """The prior work's autoregressive transformer (Table 4's "vanilla transformer", an ablation): causal
+    attention, raster-order next-code prediction. See ``CodeTransformerModule`` for the arguments (the tampering
+    ones have no effect)."""
+
+    ATTENTION = "causal"
 
 
 def load_code_transformer(

@@ -11,12 +11,13 @@ from lightning.pytorch import LightningModule
 from typing_extensions import override
 
 from lsgs.checkpoints import VQVAE_KIND, checkpoint_metadata, load_checkpoint
+from lsgs.contracts import channels_of, image_size_of, trainer_data
 from lsgs.errors import CheckpointError, ConfigError, TrainingDivergedError
 from lsgs.metrics.codebook import CodebookUsage, usage_statistics
 from lsgs.nn.quantizer import validate_codebook_options
 from lsgs.nn.vqvae import VQVAEConfig, VQVAENet
 from lsgs.progress import progress
-from lsgs.viz import image_grid, log_image
+from lsgs.reports.figures import image_grid, log_image
 
 # Architecture arguments: taken from `init_from` when they are left at None, and checked against it otherwise.
 # lookup_dim and l2_normalize define the space the codebook lives in, so they belong here too (checkpoints written
@@ -233,10 +234,10 @@ class VQVAE(LightningModule):
 
     @override
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
+        datamodule = trainer_data(self.trainer)
         if datamodule is None:
             return
-        channels, size = getattr(datamodule, "num_channels", None), getattr(datamodule, "image_size", None)
+        channels, size = channels_of(datamodule), image_size_of(datamodule)
         if channels is not None and channels != self.hparams.in_channels:
             raise ConfigError(
                 f"model.in_channels={self.hparams.in_channels} but {type(datamodule).__name__} yields "

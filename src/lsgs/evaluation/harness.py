@@ -1,0 +1,339 @@
+"""The evaluation harness: ``AnomalyMapModule`` evaluates anything that yields one anomaly map per image.
+
+It calibrates thresholds on the validation normals (never on test data), applies the region of interest and the
+MinPool/AvgPool smoothing, feeds the torchmetrics metrics (synced over DDP ranks), and writes results files,
+heatmap panels and curves (rank 0 only, ``lsgs.evaluation.writers``). LSGS (``lsgs.modules.ScoringModule``) and
+every method of ``lsgs.methods`` subclass it, so every method's numbers come out of exactly the same code.
+"""
+
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
+
+from lsgs.contracts import categories_of, trainer_data, val_fraction_of
+from lsgs.errors import ConfigError
+from lsgs.evaluation.outputs import gather_lists, pooled_pixel_curves, select_panel_indices
+from lsgs.evaluation.writers import write_evaluation_outputs
+from lsgs.io import read_json
+from lsgs.layout import StageLayout
+from lsgs.metrics import AnomalyMetrics, ScoreQuantile
+from lsgs.metrics.image import IMAGE_SCORES, reduce_image_scores
+from lsgs.nn.restoration import smooth_anomaly_map
+from lsgs.progress import progress
+
+METRIC_REGIONS = ("all", "roi")
+
+
+class AnomalyMapModule(LightningModule, abc.ABC):
+    """Evaluation harness for any method that produces an anomaly map per image.
+
+    Subclasses implement ``raw_anomaly_map``. ``trainer.test`` then (1) calibrates on the validation normals of
+    the attached data module (pixel threshold for the honest Dice, image threshold, and whatever the subclass
+    needs first, e.g. the LSGS NLL threshold), (2) scores the test set, (3) writes the outputs.
+
+    Args:
+        output_dir: where results, heatmaps and curves go (rank 0); None writes nothing.
+        smoothing: MinPool 3x3 then AvgPool 7x7 on the ROI-masked map (Naval Marimont & Tarroni).
+        smoothing_count_include_pad: whether the 7x7 average counts the zero padding at the image border, as
+            the reference code does (PyTorch's default, True); False keeps border scores at their scale.
+        val_quantile: quantile of the validation normals' pixel scores used as the honest Dice threshold.
+        image_quantile: quantile of the validation normals' image scores used as the image anomaly threshold
+            (``lsgs detect``).
+        metric_region: ``all`` pixels (as the paper) or only ``roi`` pixels count in the pixel metrics.
+        metric_bits: histogram resolution of the pixel metrics (2**bits bins over the float32 order).
+        compute_aupro: compute AUPRO (MVTec standard); costs a connected-component pass per test image.
+        heatmaps_per_category: test images per category drawn as heatmap panels (seeded choice).
+        heatmap_seed: seed of that choice.
+        calibration: a ``calibration.json`` of an earlier run to reuse instead of calibrating again.
+        image_score: image score of a map (image AUROC, image threshold, ``lsgs detect``, ``image_scores.csv``):
+            ``max`` (the paper's) or ``topk_mean``, the mean of the top ``image_topk`` fraction of the pixels.
+        image_topk: fraction q in (0, 1] of ``topk_mean`` (0.01: the top 1 % of the pixels).
+    """
+
+    method_name = "method"
+
+    def __init__(
+        self,
+        output_dir: str | None = None,
+        smoothing: bool = True,
+        smoothing_count_include_pad: bool = True,
+        val_quantile: float = 0.99,
+        image_quantile: float = 0.99,
+        metric_region: str = "all",
+        metric_bits: int = 20,
+        compute_aupro: bool = True,
+        heatmaps_per_category: int = 2,
+        heatmap_seed: int = 0,
+        calibration: str | None = None,
+        image_score: str = "max",
+        image_topk: float = 0.01,
+    ) -> None:
+        super().__init__()
+        for name, value in (("val_quantile", val_quantile), ("image_quantile", image_quantile)):
+            if not 0.0 < value < 1.0:
+                raise ConfigError(f"model.{name} must be in (0, 1), got {value}")
+        if metric_region not in METRIC_REGIONS:
+            raise ConfigError(f"model.metric_region={metric_region!r} is not one of {METRIC_REGIONS}")
+        if image_score not in IMAGE_SCORES:
+            raise ConfigError(f"model.image_score={image_score!r} is not one of {IMAGE_SCORES}")
+        if not 0.0 < image_topk <= 1.0:
+            raise ConfigError(f"model.image_topk must be in (0, 1], got {image_topk}")
+        self.image_score = image_score
+        self.image_topk = image_topk
+        self.output_dir = Path(output_dir) if output_dir else None
+        self.smoothing = smoothing
+        self.smoothing_count_include_pad = smoothing_count_include_pad
+        self.val_quantile = val_quantile
+        self.image_quantile = image_quantile
+        self.metric_region = metric_region
+        self.metric_bits = metric_bits
+        self.compute_aupro = compute_aupro
+        self.heatmaps_per_category = heatmaps_per_category
+        self.heatmap_seed = heatmap_seed
+        self.calibration: dict[str, float] = {}
+        if calibration is not None:
+            self.calibration = read_json(calibration, "model.calibration")
+        self.results: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------------------------------- subclass API
+    @abc.abstractmethod
+    def raw_anomaly_map(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The method's anomaly map before ROI masking and smoothing.
+
+        Returns:
+            ``[B, 1, H, W]`` map (higher = more anomalous) and named ``[B, C, H, W]`` pictures for the heatmap
+            panels (e.g. ``reconstruction``, ``restoration``).
+        """
+
+    def calibration_phases(self) -> list[tuple[str, str]]:
+        """``(phase, split)`` passes to run before the pixel-threshold pass, in order.
+
+        ``split`` is ``"val"`` (validation normals) or ``"train"`` (the whole training split, in order, without
+        augmentation; e.g. for statistics of the training images). Never test data. LSGS: ``[("nll", "val")]``.
+        """
+        return []
+
+    def calibrate_step(self, phase: str, batch: dict[str, Any]) -> None:
+        """Accumulate the statistics of ``phase`` on one validation batch."""
+
+    def finish_calibration(self, phase: str) -> None:
+        """Turn the (already DDP-synced) statistics of ``phase`` into ``self.calibration`` entries."""
+
+    def method_info(self) -> dict[str, Any]:
+        """Extra facts about the method for the results file."""
+        return {}
+
+    def learned_state(self) -> dict[str, Any] | None:
+        """A checkpoint of what the method learned during the evaluation itself, written into the stage folder
+        (``StageLayout.last_checkpoint``) for ``load_method``; None when the stage has nothing to add (LSGS: its
+        config names its upstream checkpoints; a method trained in its stage: the runner's training checkpoint).
+        """
+        return None
+
+    @classmethod
+    def loading_arguments(cls, stage: StageLayout) -> dict[str, Any]:
+        """Constructor arguments, besides the stage's config, that rebuild the method a finished ``stage`` ran
+        (``load_method``): e.g. ``init_from`` its learned state. Raises ``ConfigError`` when the folder lacks it."""
+        return {}
+
+    # ------------------------------------------------------------------------------------------- thresholds
+    @property
+    def pixel_threshold(self) -> float:
+        """Calibrated pixel threshold (``val_quantile`` of the validation normals' map values): the predicted
+        region of ``lsgs detect`` and the honest Dice."""
+        return float(self.calibration["val_threshold"])
+
+    @property
+    def image_threshold(self) -> float:
+        """Calibrated image threshold (``image_quantile`` of the validation normals' image scores)."""
+        return float(self.calibration["image_threshold"])
+
+    # ------------------------------------------------------------------------------------------- maps
+    def anomaly_map(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The final map: raw map x ROI, then smoothed. Returns ``[B, 1, H, W]`` and the panel pictures."""
+        raw, pictures = self.raw_anomaly_map(batch)
+        masked = raw.float() * batch["roi"].to(raw.device, torch.float32)
+        if not self.smoothing:
+            return masked, pictures
+        return smooth_anomaly_map(masked, count_include_pad=self.smoothing_count_include_pad), pictures
+
+    def image_scores(self, maps: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B]`` image scores of ``[B, 1, H, W]`` final maps by ``image_score`` (over ``valid`` pixels if given)."""
+        return reduce_image_scores(maps, self.image_score, self.image_topk, valid)
+
+    # ------------------------------------------------------------------------------------------- calibration
+    def calibrate(self) -> dict[str, float]:
+        """Run every calibration pass over the validation normals of the attached data module."""
+        if self.calibration:
+            rank_zero_info(f"[lsgs] using the given calibration: {self.calibration}")
+            return self.calibration
+        datamodule = trainer_data(self.trainer)
+        if datamodule is None or not hasattr(datamodule, "val_dataloader"):
+            raise ConfigError("scoring needs a data module with validation normals to set its thresholds")
+        for phase, split in [*self.calibration_phases(), ("threshold", "val")]:
+            if split not in ("val", "train"):
+                raise ConfigError(
+                    f"calibration phase {phase!r} asks for split {split!r}; only val/train exist"
+                )
+            if phase == "threshold":
+                self._pixel_quantile = ScoreQuantile(num_bits=self.metric_bits).to(self.device)
+                self._image_quantile = ScoreQuantile(num_bits=self.metric_bits).to(self.device)
+            loader = datamodule.val_dataloader() if split == "val" else datamodule.train_eval_dataloader()
+            dataset = getattr(loader, "dataset", None)
+            if hasattr(dataset, "__len__") and len(dataset) == 0:
+                # Otherwise the thresholds come out NaN and fail later with a message that hides the cause.
+                fraction = val_fraction_of(datamodule)
+                hint = f" (data.val_fraction={'?' if fraction is None else fraction})" if split == "val" else ""
+                raise ConfigError(
+                    f"calibration phase {phase!r} needs images, but {type(datamodule).__name__}'s {split} split "
+                    f"is empty{hint}; scoring sets its thresholds on normal images held back from training"
+                )
+            for batch in progress(loader, f"calibration ({phase})", self.trainer.is_global_zero):
+                batch = move_data_to_device(batch, self.device)
+                # The precision context test_step/predict_step run in (autocast under bf16-mixed): the
+                # thresholds must be set on maps of the same precision as the maps they are applied to.
+                with torch.no_grad(), self._step_precision_context():
+                    if phase == "threshold":
+                        self._threshold_step(batch)
+                    else:
+                        self.calibrate_step(phase, batch)
+            if phase == "threshold":
+                self.calibration["val_threshold"] = self._pixel_quantile.quantile(self.val_quantile)
+                self.calibration["image_threshold"] = self._image_quantile.quantile(self.image_quantile)
+                self.calibration["val_quantile"] = self.val_quantile
+                self.calibration["image_quantile"] = self.image_quantile
+            else:
+                self.finish_calibration(phase)
+        rank_zero_info(f"[lsgs] calibration on validation normals: {self.calibration}")
+        return self.calibration
+
+    def _step_precision_context(self) -> Any:
+        """The context Lightning runs ``test_step`` (or ``predict_step``) in, e.g. autocast for bf16-mixed."""
+        plugin = self.trainer.precision_plugin
+        return plugin.predict_step_context() if self.trainer.predicting else plugin.test_step_context()
+
+    def _threshold_step(self, batch: dict[str, Any]) -> None:
+        maps, _ = self.anomaly_map(batch)
+        roi = batch["roi"] > 0.5
+        self._pixel_quantile.update(maps, valid=roi)
+        self._image_quantile.update(self.image_scores(maps))
+
+    # ------------------------------------------------------------------------------------------- test
+    @override
+    def on_test_start(self) -> None:
+        self.calibrate()
+        datamodule = self.trainer.datamodule
+        categories = categories_of(datamodule) or ["all"]
+        self.metrics = AnomalyMetrics(categories, num_bits=self.metric_bits, compute_aupro=self.compute_aupro)
+        self.metrics = self.metrics.to(self.device)
+        self.metrics.set_val_threshold(self.calibration["val_threshold"])
+        self._panel_indices = (
+            select_panel_indices(datamodule.dataset("test"), self.heatmaps_per_category, self.heatmap_seed)
+            if hasattr(datamodule, "dataset")
+            else set()
+        )
+        self._panels: list[dict[str, Any]] = []
+        self._image_rows: list[dict[str, Any]] = []
+
+    @override
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        maps, pictures = self.anomaly_map(batch)
+        valid = batch["roi"] > 0.5 if self.metric_region == "roi" else None
+        metric_scores = self.image_scores(maps, valid)  # before the has_mask restriction below
+        has_mask = batch.get("has_mask")
+        if has_mask is not None and not bool(has_mask.all()):
+            # Anomalous images without ground truth (FolderDataModule, allow_missing_masks): their all-zero
+            # mask means "unknown", not "no defect", so they count for the image metrics only.
+            keep = has_mask.to(maps.device).view(-1, 1, 1, 1).expand_as(maps)
+            valid = keep if valid is None else valid & keep
+        self.metrics.update(
+            maps,
+            batch["mask"],
+            batch["label"],
+            list(batch["category"]),
+            valid=valid,
+            image_scores=metric_scores,
+        )
+        scores = self.image_scores(maps)
+        for i, index in enumerate(batch["index"].tolist()):
+            self._image_rows.append(
+                {
+                    "index": index,
+                    "path": batch["path"][i],
+                    "slice_index": int(batch["slice_index"][i]),
+                    "category": batch["category"][i],
+                    "label": int(batch["label"][i]),
+                    "score": float(scores[i]),
+                }
+            )
+            if index in self._panel_indices:
+                self._panels.append(
+                    {
+                        "index": index,
+                        "category": batch["category"][i],
+                        "label": int(batch["label"][i]),
+                        "image": batch["image"][i].float().cpu(),
+                        "mask": batch["mask"][i].float().cpu(),
+                        "map": maps[i].float().cpu(),
+                        **{name: picture[i].float().cpu() for name, picture in pictures.items()},
+                    }
+                )
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        values = self.metrics.compute()
+        rows, panels = gather_lists(self, self._image_rows), gather_lists(self, self._panels)
+        curves = pooled_pixel_curves(self.metrics)
+        self.results = {
+            "method": self.method_name,
+            "method_info": self.method_info(),
+            "calibration": self.calibration,
+            "metric_region": self.metric_region,
+            "num_test_images": len(rows),
+            **values,
+        }
+        for name, value in values["mean"].items():
+            self.log(f"test/{name}", float(value), sync_dist=False, rank_zero_only=True)
+        if self.trainer.is_global_zero and self.output_dir is not None:
+            write_evaluation_outputs(
+                self.output_dir,
+                self.results,
+                sorted(rows, key=lambda r: r["index"]),
+                sorted(panels, key=lambda p: p["index"]),
+                curves,
+                self.calibration,
+                self.loggers,
+                learned_state=self.learned_state(),
+            )
+
+    # ------------------------------------------------------------------------------------------- predict
+    @override
+    def on_predict_start(self) -> None:
+        self.calibrate()
+
+    @override
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        maps, _ = self.anomaly_map(batch)
+        scores = self.image_scores(maps)
+        return {
+            "path": list(batch["path"]),
+            "image": batch["image"].float().cpu(),
+            "map": maps.float().cpu(),
+            "score": scores.float().cpu(),
+            "anomalous": (scores > self.calibration["image_threshold"]).cpu(),
+        }
+
+    def stage_summary(self) -> dict[str, Any]:
+        return {"mean": self.results["mean"]} if self.results else {}
+
+    @override
+    def configure_optimizers(self) -> None:
+        return None
