@@ -129,6 +129,13 @@ def test_folders_without_what_a_method_needs_are_config_errors(
     with pytest.raises(ConfigError, match=r"is not a finished evaluation stage \(config.yaml and calibration.json"):
         load_method(tmp_path)
     run_stage(tmp_path, BUILTIN_METHODS["intensity"], HARNESS, datamodule)
-    StageLayout.of(tmp_path).last_checkpoint.unlink()  # as a stage folder written before baselines kept it
+    stage = StageLayout.of(tmp_path)
+    stage.last_checkpoint.unlink()  # as a stage folder written before baselines kept it
     with pytest.raises(ConfigError, match=r"has no learned state .*start a new run \(--run_dir\)"):
+        load_method(tmp_path)
+    # A config naming a class where it was before it moved (lsgs.modules.IntensityBaseline).
+    config = yaml.safe_load(stage.config.read_text())
+    config["model"]["class_path"] = "lsgs.modules.IntensityBaseline"
+    stage.config.write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError, match=r"lsgs.modules.IntensityBaseline cannot be imported .*start a new run"):
         load_method(tmp_path)

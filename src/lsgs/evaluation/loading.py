@@ -44,7 +44,13 @@ def load_method(stage_dir: str | Path) -> AnomalyMapModule:
     model = config.get("model") if isinstance(config, dict) else None
     if not isinstance(model, dict) or "class_path" not in model:
         raise ConfigError(f"{stage.config}: no model.class_path")
-    method_class = import_class(model["class_path"])
+    try:
+        method_class = import_class(model["class_path"])
+    except (ImportError, AttributeError) as error:  # e.g. a class path of a run made before the classes moved
+        raise ConfigError(
+            f"{stage.config}: model {model['class_path']} cannot be imported ({error}); if the run was made with an "
+            "older version, start a new run (--run_dir)"
+        ) from None
     if not (isinstance(method_class, type) and issubclass(method_class, AnomalyMapModule)):
         raise ConfigError(f"{stage.config}: model {model['class_path']} is not an evaluated method")
     init_args = {
