@@ -67,14 +67,17 @@ def open_run_folder(layout: RunLayout) -> dict[str, Any]:
     """Create the run folder (or check an existing one) and return ``run.json``: a run id kept across re-runs
     (resumed stages log into the same W&B group) and the layout version.
 
-    A folder made by an lsgs with another layout version (older folders have none) whose stages exist cannot
-    resume, because its stage hashes and paths mean something else: one ``ConfigError`` line says to start a
-    new run.
+    A folder made by an lsgs with another layout version (older ones wrote ``run.json`` without one) whose stages
+    exist cannot resume, because its stage hashes and paths mean something else: one ``ConfigError`` line says to
+    start a new run. No ``run.json`` means a new run: under DDP the other ranks may create stage folders before
+    rank 0 writes it (they list the folders before reading it, so they never see rank 0's new folders beside an
+    old record).
     """
     layout.root.mkdir(parents=True, exist_ok=True)
+    stage_dirs = layout.stage_dirs()
     info = read_json_or_none(layout.run_record)
     version = info.get("layout_version") if isinstance(info, dict) else None
-    if version != LAYOUT_VERSION and layout.stage_dirs():
+    if info is not None and version != LAYOUT_VERSION and stage_dirs:
         found = f"layout version {version}" if version is not None else "no layout version"
         raise ConfigError(
             f"run folder '{layout.root}' was made by another lsgs version ({found} in {layout.run_record.name}, "
