@@ -18,7 +18,7 @@ import lsgs.nn.quantizer as quantizer_module
 from data_modules import BraTSDataModule, MVTecDataModule
 from lsgs.errors import CheckpointError, ConfigError, TrainingDivergedError
 from lsgs.modules import VQVAE, GlobalTransformer
-from lsgs.viz import to_uint8_image
+from lsgs.reports.figures import to_uint8_image
 
 # The brief's tiny sizes: channels [8, 16] (downsampling 4: 32 px -> 8x8 codes), D = 8, K = 32.
 TINY = {

@@ -162,6 +162,27 @@ def test_changed_config_reruns_that_stage_and_the_later_ones(
     assert done_mtimes(run_dir) == after
 
 
+def test_a_run_folder_of_an_older_layout_fails_in_one_line(
+    tiny_run: Path, tmp_path: Path, demo_mvtec_root: Path, data_cache_dir: Path
+) -> None:
+    """A run folder made before the layout version existed (run.json without it, as every older lsgs wrote) holds
+    stages whose hashes cover old class paths: one ConfigError line says to start a new run, nothing is touched."""
+    from lsgs.errors import ConfigError
+
+    run_dir = copy_run(tiny_run, tmp_path)
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record.pop("layout_version") == 2
+    (run_dir / "run.json").write_text(json.dumps(record))
+    experiment_yaml = (run_dir / "experiment.yaml").read_bytes()
+    with pytest.raises(ConfigError) as error:
+        pipeline_main(tiny_args(demo_mvtec_root, data_cache_dir, run_dir))
+    message = str(error.value)
+    assert "\n" not in message and str(run_dir) in message and "start a new run" in message, message
+    assert (run_dir / "experiment.yaml").read_bytes() == experiment_yaml
+    assert json.loads((run_dir / "run.json").read_text()) == record
+    assert done_mtimes(run_dir) == done_mtimes(tiny_run)
+
+
 def test_killed_run_resumes_and_equals_the_uninterrupted_run(
     tiny_run: Path, tmp_path: Path, demo_mvtec_root: Path, data_cache_dir: Path
 ) -> None:
@@ -339,14 +360,9 @@ TINY_BASELINES = [
 ]
 
 
-def test_baselines_join_the_summary_and_the_report(
-    tiny_run: Path, tmp_path: Path, demo_mvtec_root: Path, data_cache_dir: Path
-) -> None:
-    run_dir = copy_run(tiny_run, tmp_path)
-    before = done_mtimes(run_dir)
-    # The default run (no --stages) with baselines on: the finished LSGS stages are skipped, baselines run.
-    pipeline_main(tiny_args(demo_mvtec_root, data_cache_dir, run_dir, "--run_baselines=true", *TINY_BASELINES))
-    assert done_mtimes(run_dir) == before  # the LSGS stages were not touched
+def test_baselines_join_the_summary_and_the_report(tiny_run: Path, tiny_run_with_methods: Path) -> None:
+    run_dir = tiny_run_with_methods  # the default run (no --stages) with baselines on, over a copy of tiny_run
+    assert done_mtimes(run_dir) == done_mtimes(tiny_run)  # the finished LSGS stages were skipped, not re-run
     scoring = json.loads((run_dir / "scoring" / "results.json").read_text())
     for name in ("intensity", "pixel_gaussian", "ae", "vae"):
         results = json.loads((run_dir / "baselines" / name / "results.json").read_text())
@@ -362,17 +378,69 @@ def test_baselines_join_the_summary_and_the_report(
     assert report.count("data:image/png;base64,") >= 2 + 6 * 5  # curves + 6 panels x 5 methods
 
 
-def test_detect_writes_heatmaps_and_scores(tiny_run: Path, tmp_path: Path, demo_mvtec_root: Path) -> None:
-    from lsgs.detect import detect
+def nut_test_images(demo_mvtec_root: Path, folder: Path) -> dict[str, Path]:
+    """Three test images of the demo's nut category copied into ``folder``: copied name -> original file.
 
-    images = tmp_path / "images"
-    images.mkdir()
+    ``lsgs detect`` names a folder's images after the folder, so a folder named ``nut`` gets the nut statistics
+    of the per-category methods."""
+    folder.mkdir(parents=True)
+    copied = {}
     for source in sorted((demo_mvtec_root / "nut" / "test").glob("*/000.png"))[:3]:
-        shutil.copy(source, images / f"{source.parent.name}.png")
-    out = detect(tiny_run, images, tmp_path / "out", accelerator="cpu")
+        shutil.copy(source, folder / f"{source.parent.name}.png")
+        copied[f"{source.parent.name}.png"] = source
+    return copied
+
+
+def run_detect(run_dir: Path, images: Path, out: Path, method: str) -> list[dict[str, str]]:
+    """``lsgs detect --method M`` (the CLI, in-process); the rows of its scores.csv."""
+    from lsgs.cli import main as lsgs_main
+
+    lsgs_main(["detect", f"--run_dir={run_dir}", f"--images={images}", f"--method={method}", f"--output={out}",
+               "--accelerator=cpu"])  # fmt: skip
     assert len(list(out.glob("*_heatmap.png"))) == 3
-    rows = (out / "scores.csv").read_text().strip().splitlines()
-    assert rows[0] == "path,score,anomalous" and len(rows) == 4
+    with (out / "scores.csv").open() as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.parametrize("method", ["intensity", "pixel_gaussian", "ae", "vae"])
+def test_detect_scores_test_images_as_the_method_s_stage_did(
+    tiny_run_with_methods: Path, tmp_path: Path, demo_mvtec_root: Path, method: str
+) -> None:
+    """``lsgs detect --method M`` on test images of the run gives the scores M's own test stage wrote for them
+    (image_scores.csv) and flags them by the stage's calibrated image threshold."""
+    run_dir = tiny_run_with_methods
+    copied = nut_test_images(demo_mvtec_root, tmp_path / "nut")
+    rows = run_detect(run_dir, tmp_path / "nut", tmp_path / "out", method)
+    stage = run_dir / "baselines" / method
+    with (stage / "image_scores.csv").open() as handle:
+        tested = {Path(r["path"]).resolve(): float(r["score"]) for r in csv.DictReader(handle)}
+    threshold = json.loads((stage / "calibration.json").read_text())["image_threshold"]
+    assert [Path(r["path"]).name for r in rows] == sorted(copied)
+    for row in rows:
+        expected = tested[copied[Path(row["path"]).name].resolve()]
+        assert float(row["score"]) == pytest.approx(expected, rel=1e-5), row  # scores.csv keeps 6 digits
+        assert int(row["anomalous"]) == int(float(row["score"]) > threshold)
+
+
+def test_detect_with_lsgs_is_repeatable_and_uses_the_run_s_threshold(
+    tiny_run: Path, tmp_path: Path, demo_mvtec_root: Path
+) -> None:
+    """LSGS samples its restorations per batch, so its detect scores differ from the test stage's (other batches);
+    they are repeatable, and flagged by the scoring stage's image threshold."""
+    copied = nut_test_images(demo_mvtec_root, tmp_path / "nut")
+    first = run_detect(tiny_run, tmp_path / "nut", tmp_path / "out1", "lsgs")
+    assert run_detect(tiny_run, tmp_path / "nut", tmp_path / "out2", "lsgs") == first
+    threshold = json.loads((tiny_run / "scoring" / "calibration.json").read_text())["image_threshold"]
+    assert [Path(r["path"]).name for r in first] == sorted(copied)
+    assert all(int(r["anomalous"]) == int(float(r["score"]) > threshold) for r in first)
+
+
+def test_detect_names_the_finished_methods_when_one_is_missing(tiny_run: Path, tmp_path: Path) -> None:
+    from lsgs.detect import detect
+    from lsgs.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--method ae: .*finished in this run: \['lsgs'\]"):
+        detect(tiny_run, tmp_path, method="ae")
 
 
 def test_wandb_offline_runs_grouped_per_stage_without_secrets(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from jsonargparse import Namespace
 
 from lsgs.classpath import import_class
 from lsgs.errors import ConfigError
+from lsgs.evaluation import AnomalyMapModule
 from lsgs.io import read_json_or_none
 from lsgs.layout import METHOD_STAGE_PREFIX, RunLayout, StageLayout
 from lsgs.methods.registry import configured_methods
@@ -168,13 +170,6 @@ def _spec(stage: str, stage_config: dict[str, Any]) -> StageSpec:
 
 def harness_arguments() -> tuple[str, ...]:
     """Evaluation settings of the harness (``AnomalyMapModule``) that every evaluated method must share."""
-    import inspect
-
-    try:
-        from lsgs.evaluation import AnomalyMapModule
-    except ImportError:  # until the harness package lands (issue 11, helper B)
-        from lsgs.modules.scoring import AnomalyMapModule
-
     names = inspect.signature(AnomalyMapModule.__init__).parameters
     return tuple(n for n in names if n not in ("self", "output_dir", "calibration"))
 

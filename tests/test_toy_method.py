@@ -1,0 +1,116 @@
+"""A method added from outside ``lsgs`` (tests/toy_method.py: one class plus one config entry) runs through
+``lsgs pipeline``, ``lsgs detect --method toy`` and ``lsgs report`` with no edit to any ``lsgs`` file."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from test_pipeline import copy_run, nut_test_images, run_detect, tiny_args
+from toy_method import TOY_CONFIG, TRAIN_MEAN, MeanDifference, toy_map
+
+from lsgs.methods import BUILTIN_METHODS
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(scope="module")
+def toy_run(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory, demo_mvtec_root: Path, data_cache_dir: Path):
+    """A copy of the tiny run plus the toy method (the built-in baselines switched off), through ``lsgs``'s CLI."""
+    from lsgs.cli import main as lsgs_main
+
+    folder = tmp_path_factory.mktemp("toy")
+    run_dir = copy_run(tiny_run, folder)
+    config = folder / "toy.yaml"
+    config.write_text(TOY_CONFIG)
+    no_builtins = [f"--baselines.{name}.model=null" for name in BUILTIN_METHODS]
+    # The toy section comes from its own config file; an override of it from the command line must work too.
+    args = tiny_args(demo_mvtec_root, data_cache_dir, run_dir, "--config", str(config), *no_builtins,
+                     "--run_baselines=true", "--stages=[baselines]", "--baselines.toy.model.init_args.in_channels=3")
+    lsgs_main(["pipeline", *args])
+    return run_dir
+
+
+def test_the_pipeline_evaluates_the_toy_method_with_the_shared_harness(toy_run: Path, demo_mvtec_root) -> None:
+    stage = toy_run / "baselines" / "toy"
+    results = json.loads((stage / "results.json").read_text())
+    assert results["method"] == "toy" and json.loads((stage / "done.json").read_text())["stage"] == "baselines.toy"
+    assert sorted(p.name for p in (toy_run / "baselines").iterdir()) == ["toy"]
+    # Same harness settings as LSGS (copied from the scoring stage), and the image AUROC equals a recomputation
+    # from the image scores the stage wrote.
+    scoring = json.loads((toy_run / "scoring" / "results.json").read_text())
+    assert results["metric_region"] == scoring["metric_region"]
+    from sklearn.metrics import roc_auc_score
+
+    with (stage / "image_scores.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 30
+    labels, scores = [int(r["label"]) for r in rows], [float(r["score"]) for r in rows]
+    assert results["pooled"]["image_auroc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+
+
+def test_detect_with_the_toy_method_gives_the_maxima_of_its_maps(
+    toy_run: Path, tmp_path: Path, demo_mvtec_root: Path
+) -> None:
+    """scores.csv equals the maximum of the toy map computed here from the image files and the learned mean,
+    smoothed as the harness does (MinPool 3x3, AvgPool 7x7)."""
+    from data_modules import ImageFolderDataModule
+    from lsgs.nn.restoration import smooth_anomaly_map
+
+    stage = toy_run / "baselines" / "toy"
+    calibration = json.loads((stage / "calibration.json").read_text())
+    harness = yaml.safe_load((stage / "config.yaml").read_text())["model"]["init_args"]
+    copied = nut_test_images(demo_mvtec_root, tmp_path / "nut")
+    rows = run_detect(toy_run, tmp_path / "nut", tmp_path / "out", "toy")
+    data = ImageFolderDataModule(root=str(tmp_path / "nut"), channels=3, image_size=32, batch_size=8)
+    data.setup("predict")
+    batch = next(iter(data.predict_dataloader()))
+    raw = toy_map(batch["image"], calibration[TRAIN_MEAN])  # [B, 1, H, W]; ROI: the whole image
+    maps = smooth_anomaly_map(raw, count_include_pad=harness["smoothing_count_include_pad"])
+    expected = dict(zip([Path(p).name for p in batch["path"]], maps.flatten(1).max(dim=1).values.tolist()))
+    assert [Path(r["path"]).name for r in rows] == sorted(copied)
+    for row in rows:
+        assert float(row["score"]) == pytest.approx(expected[Path(row["path"]).name], rel=1e-5), row
+        assert int(row["anomalous"]) == int(float(row["score"]) > calibration["image_threshold"])
+
+
+def test_the_learned_mean_is_the_mean_of_the_training_images(toy_run: Path) -> None:
+    """The toy's one learned number, recomputed by brute force over the training split of the stage's data."""
+    import yaml
+
+    from lsgs.stage_cli import instantiate_stage
+
+    config = yaml.safe_load((toy_run / "baselines" / "toy" / "config.yaml").read_text())
+    config["trainer"].update(logger=False, callbacks=[], enable_checkpointing=False, default_root_dir=None)
+    config["model"]["init_args"]["output_dir"] = None
+    datamodule = instantiate_stage(config).datamodule
+    datamodule.setup("test")
+    images = torch.cat([b["image"].double() for b in datamodule.train_eval_dataloader()])
+    calibration = json.loads((toy_run / "baselines" / "toy" / "calibration.json").read_text())
+    assert calibration[TRAIN_MEAN] == pytest.approx(float(images.mean()), rel=1e-12)
+
+
+def test_the_report_lists_the_toy_row(toy_run: Path, tmp_path: Path) -> None:
+    from lsgs.cli import main as lsgs_main
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(toy_run, run_dir)
+    (run_dir / "summary.csv").unlink()
+    lsgs_main(["report", f"--run_dir={run_dir}"])
+    with (run_dir / "summary.csv").open() as handle:
+        rows = {r["method"]: r for r in csv.DictReader(handle)}
+    assert list(rows) == ["baseline: toy", "LSGS"]
+    results = json.loads((run_dir / "baselines" / "toy" / "results.json").read_text())
+    which = "mean" if len(results["per_category"]) > 1 else "pooled"
+    for key in ("pixel_auroc", "pixel_ap", "image_auroc"):
+        assert float(rows["baseline: toy"][key]) == results[which][key], key
+    assert "baseline: toy" in (run_dir / "report.html").read_text()
+
+
+def test_the_toy_class_is_a_plain_harness_subclass() -> None:
+    assert MeanDifference.__module__ == "toy_method" and "lsgs" not in MeanDifference.__module__
