@@ -114,3 +114,18 @@ def test_the_report_lists_the_toy_row(toy_run: Path, tmp_path: Path) -> None:
 
 def test_the_toy_class_is_a_plain_harness_subclass() -> None:
     assert MeanDifference.__module__ == "toy_method" and "lsgs" not in MeanDifference.__module__
+
+
+def test_method_names_come_from_config_files_and_the_command_line(tmp_path: Path) -> None:
+    from lsgs.errors import ConfigError
+    from lsgs.methods.registry import discover_method_names
+
+    nested, dotted = tmp_path / "nested.yaml", tmp_path / "dotted.yaml"
+    nested.write_text(TOY_CONFIG)
+    dotted.write_text("baselines.zeta.model: {class_path: toy_method.MeanDifference}\n")
+    argv = ["--config", str(nested), f"-c={dotted}", "--baselines.alpha.trainer.max_epochs=1",
+            "--baselines.ae.model=null"]  # fmt: skip
+    assert discover_method_names(argv) == [*BUILTIN_METHODS, "alpha", "toy", "zeta"]
+    assert discover_method_names([]) == list(BUILTIN_METHODS)
+    with pytest.raises(ConfigError, match="method name 'lsgs'"):
+        discover_method_names(["--baselines.lsgs.model=null"])
