@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from lsgs.errors import ConfigError
-from lsgs.nn.quantizer import nearest_codes
+from lsgs.nn.nearest import nearest_codes
 
 # FAISS warns (on stderr, from C++) below this many points per centroid; we warn in Python instead.
 _MIN_POINTS_PER_CENTROID = 39
@@ -293,7 +293,7 @@ def torch_kmeans(
 ) -> KMeansResult:
     """Plain Lloyd's k-means in torch (no sub-sampling); only a reference for tests and the benchmark.
 
-    Assignment uses the chunked fp32 :func:`~lsgs.nn.quantizer.nearest_codes`; centres are means of their
+    Assignment uses the chunked fp32 :func:`~lsgs.nn.nearest.nearest_codes`; centres are means of their
     points; empty clusters are split as FAISS does. Runs on the device of ``vectors``.
 
     Args:

@@ -35,6 +35,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lsgs.nn.nearest import nearest_codes  # used below; also imported from here by callers
+
 # Decay of the usage average that drives dead-code restarts when the codebook is not EMA-trained
 # (with ema_decay set, the EMA cluster sizes themselves are the usage average). 0.99 is the common EMA decay
 # (VQ-VAE-2, Sonnet): a code unused for ~100 steps counts as dead.
@@ -46,56 +48,6 @@ EMA_EPSILON = 1e-5
 def _check_positive_int(name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
-@torch.no_grad()
-def nearest_codes(vectors: Tensor, codebook: Tensor, chunk_size: int = 8192) -> tuple[Tensor, Tensor]:
-    """Nearest codebook entry (squared Euclidean distance) of every vector.
-
-    Uses ``||z||^2 - 2 z.E^T + ||E||^2``: one matmul per chunk of ``chunk_size`` vectors, so the largest
-    temporary is ``[chunk_size, K]``; an ``[N, K, D]`` difference tensor is never built. Runs in fp32 with
-    autocast disabled whatever the input dtype. No gradient flows through the result.
-
-    Args:
-        vectors: ``[N, D]`` vectors to quantise (any float dtype, any device).
-        codebook: ``[K, D]`` codebook, same device as ``vectors``.
-        chunk_size: number of vectors per matmul; bounds peak memory at about ``4 * chunk_size * K`` bytes.
-
-    Returns:
-        ``(indices, distances)``: ``[N]`` int64 index of the nearest code (ties go to the lowest index) and
-        ``[N]`` float32 squared distance to it (clamped at 0: the expansion can round slightly below zero).
-
-    Raises:
-        ValueError: if the inputs are not 2-D, their last dimensions differ, or ``chunk_size`` is not
-            positive.
-    """
-    if vectors.dim() != 2 or codebook.dim() != 2:
-        raise ValueError(
-            f"nearest_codes expects vectors [N, D] and codebook [K, D], got {tuple(vectors.shape)} "
-            f"and {tuple(codebook.shape)}"
-        )
-    if vectors.shape[1] != codebook.shape[1]:
-        raise ValueError(
-            f"vectors have dimension {vectors.shape[1]} but codebook entries have {codebook.shape[1]} "
-            f"(shapes {tuple(vectors.shape)} and {tuple(codebook.shape)})"
-        )
-    _check_positive_int("chunk_size", chunk_size)
-    n = vectors.shape[0]
-    indices = torch.empty(n, dtype=torch.int64, device=vectors.device)
-    distances = torch.empty(n, dtype=torch.float32, device=vectors.device)
-    with torch.autocast(device_type=vectors.device.type, enabled=False):
-        codes = codebook.float()
-        code_sq = codes.pow(2).sum(dim=1)  # [K]
-        for start in range(0, n, chunk_size):
-            chunk = vectors[start : start + chunk_size].float()  # [n_c, D]
-            # ||E||^2 - 2 z.E^T in one fused addmm; ||z||^2 is constant per row, so it is added only to the
-            # minimum instead of to the whole [n_c, K] matrix.
-            partial = torch.addmm(code_sq.unsqueeze(0), chunk, codes.t(), beta=1.0, alpha=-2.0)  # [n_c, K]
-            # torch.min over a dim returns the first minimal index, which gives the documented tie rule.
-            best, best_idx = partial.min(dim=1)
-            indices[start : start + chunk_size] = best_idx
-            distances[start : start + chunk_size] = (best + chunk.pow(2).sum(dim=1)).clamp_min_(0.0)
-    return indices, distances
 
 
 def code_counts(indices: Tensor, codebook_size: int) -> Tensor:
