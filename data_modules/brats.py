@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from data_modules import image_io
 from data_modules.base import AnomalyDataModule, Item, check_fraction, decode_workers, n_holdout
-from data_modules.cache import NpyStreamWriter, build_entry, cache_key, read_index
+from data_modules.cache import INDEX_FILE, NpyStreamWriter, build_entry, cache_key, read_index
 from lsgs.errors import ConfigError, DataError, DataNotFoundError
 from lsgs.io import atomic_write_json
 
@@ -281,7 +281,7 @@ def build_brats_cache(
             {"case_id": c.case_id, "group": c.group, "flair": str(c.flair), "seg": str(c.seg)} for c in cases
         ]
         atomic_write_json(
-            tmp / "index.json",
+            tmp / INDEX_FILE,
             {"image_size": size, "normalization": normalization, "cases": meta, "rows": rows},
         )
 

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from data_modules import image_io
 from data_modules.base import AnomalyDataModule, Item, check_fraction, decode_workers, n_holdout
-from data_modules.cache import NpyStreamWriter, build_entry, cache_key, read_index
+from data_modules.cache import INDEX_FILE, NpyStreamWriter, build_entry, cache_key, read_index
 from lsgs.contracts import predict_split_of
 from lsgs.errors import ConfigError, DataError, DataNotFoundError
 from lsgs.io import atomic_write_json
@@ -103,7 +103,7 @@ class ImageFolderDataModule(AnomalyDataModule):
             masks = NpyStreamWriter(tmp / "masks.npy", (size, size), np.uint8)
             masks.append(np.zeros((len(paths), size, size), dtype=np.uint8))
             masks.close()
-            atomic_write_json(tmp / "index.json", {"image_size": size, "items": [str(p) for p in paths]})
+            atomic_write_json(tmp / INDEX_FILE, {"image_size": size, "items": [str(p) for p in paths]})
 
         return [build_entry(self.cache_root, key, build)]
 
@@ -593,7 +593,7 @@ class FolderDataModule(AnomalyDataModule):
                 }
                 for s in samples
             ]
-            atomic_write_json(tmp / "index.json", {"image_size": size, "channels": channels, "items": records})
+            atomic_write_json(tmp / INDEX_FILE, {"image_size": size, "channels": channels, "items": records})
 
         return [build_entry(self.cache_root, key, build)]
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from data_modules import image_io
 from data_modules.base import AnomalyDataModule, Item, decode_workers, n_holdout
-from data_modules.cache import NpyStreamWriter, build_entry, cache_key, read_index
+from data_modules.cache import INDEX_FILE, NpyStreamWriter, build_entry, cache_key, read_index
 from lsgs.errors import ConfigError, DataError, DataNotFoundError
 from lsgs.io import atomic_write_json
 
@@ -178,7 +178,7 @@ def build_category_cache(
         records = [
             {"path": str(s.path), "split": s.split, "defect": s.defect, "label": s.label} for s in samples
         ]
-        atomic_write_json(tmp / "index.json", {"category": category, "image_size": size, "items": records})
+        atomic_write_json(tmp / INDEX_FILE, {"category": category, "image_size": size, "items": records})
 
     return build_entry(cache_root, key, build)
 
