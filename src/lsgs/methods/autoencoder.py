@@ -125,9 +125,7 @@ class AutoencoderBaseline(BaselineModule):
     @torch.no_grad()
     @override
     def raw_anomaly_map(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
-        self._check_fitted()
-        images = batch["image"]
-        self._check_images(images)
+        images = self.fitted_input(batch)
         reconstruction = self.net(images, sample=False).reconstruction
         return reconstruction_error_map(images.float(), reconstruction.float()), {"reconstruction": reconstruction}
 

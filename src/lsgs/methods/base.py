@@ -75,6 +75,13 @@ class BaselineModule(AnomalyMapModule):
                 f"{tuple(images.shape)}"
             )
 
+    def fitted_input(self, batch: dict[str, Any]) -> Tensor:
+        """The batch's images ``[B, C, H, W]``, after checking that the method is fitted and the images fit it."""
+        self._check_fitted()
+        images = batch["image"]
+        self._check_images(images)
+        return images
+
     def _load_init_from(self) -> None:
         """Load the learned state of ``init_from`` (call at the end of a subclass ``__init__``)."""
         if self.init_from is None:

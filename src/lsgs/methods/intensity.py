@@ -88,9 +88,7 @@ class IntensityBaseline(StatisticsBaseline):
     @torch.no_grad()
     @override
     def raw_anomaly_map(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
-        self._check_fitted()
-        images = batch["image"]
-        self._check_images(images)
+        images = self.fitted_input(batch)
         rows = self.category_indices(batch, self.channel_mean.device)
         anomaly = standardised_intensity(images, self.channel_mean[rows], self.scale[rows])
         if images.shape[1] == 1 and not self.signed:

@@ -107,9 +107,7 @@ class PixelGaussianBaseline(StatisticsBaseline):
     @torch.no_grad()
     @override
     def raw_anomaly_map(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
-        self._check_fitted()
-        images = batch["image"]
-        self._check_images(images)
+        images = self.fitted_input(batch)
         if tuple(images.shape[1:]) != tuple(self.pixel_mean.shape[1:]):
             raise DataError(
                 f"pixel_gaussian baseline: images of shape {list(images.shape[1:])} but the per-pixel statistics "
