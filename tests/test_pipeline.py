@@ -275,51 +275,56 @@ def test_single_stage_cli_reruns_a_saved_stage_config(tiny_run: Path, tmp_path: 
     assert "val/l1" in proc.stdout
 
 
-def test_help_on_every_command() -> None:
-    from lsgs.cli import USAGE
+def test_help_on_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    from lsgs.cli import USAGE, main
 
-    # Each command's own help: the text a wrong dispatch (another command's help, an empty print) would lack.
+    # The entry point itself, in a fresh interpreter (``python -m lsgs``).
+    assert USAGE.strip() in run_cli(["--help"]).stdout
+    # Each command's own help, in this process (a subprocess per command would re-import torch and Lightning
+    # each time): the text a wrong dispatch (another command's help, an empty print) would lack.
     expected = {
-        ("--help",): [USAGE.strip()],
         ("pipeline", "--help"): ["usage: lsgs pipeline", "--run_dir RUN_DIR", "--vqvae.model"],
         ("ablate", "--help"): ["usage: lsgs ablate {codebook,attention} --config EXPERIMENT.yaml"],
-        ("detect", "--help"): ["usage: lsgs detect", "--run_dir", "--images"],
+        ("detect", "--help"): ["usage: lsgs detect", "--run_dir", "--images", "--method"],
         ("report", "--help"): ["usage: lsgs report", "--run_dir"],
+        ("study", "--help"): ["usage: lsgs study", "--run_dir", "--grid"],
         ("fit", "--help"): [" fit [-c CONFIG]", "--trainer.max_epochs"],
     }
     for command, texts in expected.items():
-        proc = run_cli(list(command))
+        try:
+            main(list(command))
+        except SystemExit as stop:  # argparse-style help exits 0; jsonargparse's returns
+            assert stop.code in (0, None), command
+        stdout = capsys.readouterr().out
         for text in texts:
-            assert text in proc.stdout, (command, text, proc.stdout[:1000])
+            assert text in stdout, (command, text, stdout[:1000])
 
 
 def test_bad_configs_fail_with_one_clear_line(
-    tmp_path: Path, demo_mvtec_root: Path, data_cache_dir: Path
+    tmp_path: Path, demo_mvtec_root: Path, data_cache_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    proc = run_cli(
-        [
-            "pipeline",
-            *tiny_args(demo_mvtec_root, data_cache_dir, tmp_path / "r"),
-            "--vqvae.model.codebok_size=4",
-        ],
-        check=False,
+    from lsgs.cli import main
+
+    def lsgs_fails(args: list[str]) -> str:
+        """Run ``lsgs`` in this process (no torch re-import per case); it must exit 2. Returns stderr."""
+        with pytest.raises(SystemExit) as stop:
+            main(args)
+        assert stop.value.code == 2, args
+        return capsys.readouterr().err
+
+    stderr = lsgs_fails(
+        ["pipeline", *tiny_args(demo_mvtec_root, data_cache_dir, tmp_path / "r"), "--vqvae.model.codebok_size=4"]
     )
-    assert proc.returncode != 0 and "codebok_size" in proc.stderr
+    assert "codebok_size" in stderr
     missing = tmp_path / "no-such-root"
-    proc = run_cli(["pipeline", *tiny_args(missing, data_cache_dir, tmp_path / "r2")], check=False)
-    assert proc.returncode == 2
-    error_lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(error_lines) == 1 and str(missing) in error_lines[0], proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
-    proc = run_cli(
-        [
-            "pipeline",
-            *tiny_args(demo_mvtec_root, data_cache_dir, tmp_path / "r3"),
-            "--stages=[vqvae,nonsense]",
-        ],
-        check=False,
+    stderr = lsgs_fails(["pipeline", *tiny_args(missing, data_cache_dir, tmp_path / "r2")])
+    error_lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and str(missing) in error_lines[0], stderr[-2000:]
+    assert "Traceback" not in stderr
+    stderr = lsgs_fails(
+        ["pipeline", *tiny_args(demo_mvtec_root, data_cache_dir, tmp_path / "r3"), "--stages=[vqvae,nonsense]"]
     )
-    assert proc.returncode == 2 and "nonsense" in proc.stderr
+    assert "nonsense" in stderr
 
 
 def test_ablations_write_their_tables(
