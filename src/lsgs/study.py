@@ -42,6 +42,7 @@ from lsgs.errors import ConfigError
 from lsgs.io import atomic_write_json, atomic_write_text, read_json, read_json_or_none
 from lsgs.layout import RunLayout
 from lsgs.methods.registry import LSGS_METHOD, evaluated_methods
+from lsgs.metrics.image import IMAGE_SCORES
 from lsgs.progress import progress
 from lsgs.reports.tables import METRIC_COLUMNS, csv_text, format_value, markdown_table
 
@@ -71,7 +72,7 @@ GRID_OPTIONS: dict[str, Callable[[Any], str | None]] = {
     "seed": lambda v: None if isinstance(v, int) and not isinstance(v, bool) else "must be an int",
     "val_quantile": lambda v: None if _number(v) and 0 < v < 1 else "must be a number in (0, 1)",
     # Harness arguments (AnomalyMapModule): the image score of a map.
-    "image_score": _choice("max", "topk_mean"),
+    "image_score": _choice(*IMAGE_SCORES),
     "image_topk": lambda v: None if _number(v) and 0 < v <= 1 else "must be a number in (0, 1]",
 }
 # Options that decide the restorations; rows sharing them share the decoded restorations in the cache.
