@@ -4,6 +4,7 @@
 #   make train-brats          full pipeline on BraTS2018 (demo data unless DATA_ROOT is given)
 #   make ablate-codebook      paper Table 3 (learned vs aggregated codebook)
 #   make ablate-attention     paper Table 4 (no transformer / causal / global)
+#   make methods              only the other methods (baselines and contenders) of the MVTec experiment
 #   make study-scoring        re-score a finished run (RUN_DIR) over a grid of scoring options (GRID)
 # Variables:
 #   DATA_ROOT=/data/mvtec_anomaly_detection   use real data with the paper's configuration
@@ -34,7 +35,7 @@ MVTEC_CONFIG := $(if $(DATA_ROOT),experiments/mvtec.yaml --data.root=$(DATA_ROOT
 BRATS_CONFIG := $(if $(DATA_ROOT),experiments/brats.yaml --data.root=$(DATA_ROOT),experiments/demo_brats.yaml)
 DEMO_DEP := $(if $(DATA_ROOT),,demo-data)
 
-.PHONY: setup test lint demo-data train-mvtec train-brats ablate-codebook ablate-attention baselines report study-scoring \
+.PHONY: setup test lint demo-data train-mvtec train-brats ablate-codebook ablate-attention methods report study-scoring \
         benchmark clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
@@ -66,8 +67,8 @@ ablate-codebook: $(STAMP) $(DEMO_DEP)
 ablate-attention: $(STAMP) $(DEMO_DEP)
 	$(LSGS) ablate attention --config $(BRATS_CONFIG) $(RUN_DIR_ARG) $(ARGS)
 
-baselines: $(STAMP) $(DEMO_DEP)
-	$(LSGS) pipeline --config $(MVTEC_CONFIG) $(RUN_DIR_ARG) --stages=[baselines] $(ARGS)
+methods: $(STAMP) $(DEMO_DEP)
+	$(LSGS) pipeline --config $(MVTEC_CONFIG) $(RUN_DIR_ARG) --stages=[methods] $(ARGS)
 
 report: $(STAMP)
 	$(LSGS) report --run_dir $(if $(RUN_DIR),$(RUN_DIR),runs/$(if $(DATA_ROOT),mvtec,demo-mvtec))

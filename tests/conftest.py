@@ -68,17 +68,17 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, demo_mvtec_root: Path, da
 def tiny_run_with_methods(
     tiny_run: Path, tmp_path_factory: pytest.TempPathFactory, demo_mvtec_root: Path, data_cache_dir: Path
 ) -> Path:
-    """A copy of ``tiny_run`` whose four built-in baselines also ran (AE/VAE shrunk: test_pipeline.TINY_BASELINES):
-    the default command with baselines on, so the finished LSGS stages are skipped. Read-only."""
+    """A copy of ``tiny_run`` whose four built-in methods also ran (AE/VAE shrunk: test_pipeline.TINY_METHODS):
+    the default command with the methods on, so the finished LSGS stages are skipped. Read-only."""
     import shutil
 
-    from test_pipeline import TINY_BASELINES, tiny_args
+    from test_pipeline import TINY_METHODS, tiny_args
 
     from lsgs.pipeline import main as pipeline_main
 
     run_dir = tmp_path_factory.mktemp("runs") / "tiny-methods"
     shutil.copytree(tiny_run, run_dir)
-    pipeline_main(tiny_args(demo_mvtec_root, data_cache_dir, run_dir, "--run_baselines=true", *TINY_BASELINES))
+    pipeline_main(tiny_args(demo_mvtec_root, data_cache_dir, run_dir, "--run_methods=true", *TINY_METHODS))
     return run_dir
 
 

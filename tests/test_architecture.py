@@ -9,7 +9,7 @@ and the module graph has no cycle (within a layer either):
                data sets, pure torch nets and maths, metrics, tables and pictures; no Lightning model, no run.
 2. evaluation  lsgs.evaluation: the model-agnostic harness (calibration, metrics, outputs) and load_method.
 3. stages      lsgs.modules: the LSGS LightningModules (VQVAE, aggregator, transformers, ScoringModule).
-4. methods     lsgs.methods: the other evaluated methods (baselines) and the method registry.
+4. methods     lsgs.methods: the other evaluated methods (baselines, contenders) and the method registry.
 5. stage_cli   lsgs.stage_cli: one stage from its LightningCLI config (parse, check, instantiate).
 6. run         lsgs.run: experiment parser, planner (hash, skip, invalidate), runner, loggers.
 7. reports     lsgs.reports (summary, html): the report of a run folder.
@@ -27,8 +27,9 @@ REPO = Path(__file__).resolve().parents[1]
 ROOTS = {"lsgs": REPO / "src" / "lsgs", "data_modules": REPO / "data_modules"}
 
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("foundation", ("lsgs", "lsgs.errors", "lsgs.io", "lsgs.layout", "lsgs.classpath", "lsgs.machine",
-                    "lsgs.progress", "lsgs.distributed", "lsgs.checkpoints", "lsgs.callbacks", "lsgs.contracts")),
+    ("foundation", ("lsgs", "lsgs.errors", "lsgs.io", "lsgs.layout", "lsgs.run_record", "lsgs.classpath",
+                    "lsgs.machine", "lsgs.progress", "lsgs.distributed", "lsgs.checkpoints", "lsgs.callbacks",
+                    "lsgs.contracts")),
     ("core", ("data_modules", "lsgs.nn", "lsgs.kmeans", "lsgs.metrics", "lsgs.reports.tables",
               "lsgs.reports.figures", "lsgs.reports.__init__")),
     ("evaluation", ("lsgs.evaluation",)),
@@ -197,7 +198,7 @@ RUN_FOLDER_NAMES = {
     "run.json", "experiment.yaml", "results.json", "results.csv", "results.md", "summary.md", "summary.csv",
     "report.html", "done.json", "stage.json", "config.yaml", "last.ckpt", "vqvae.ckpt", "aggregated.ckpt",
     "vqvae_ft.ckpt", "transformer.ckpt", "aggregation.json", "calibration.json", "image_scores.csv", "curves.npz",
-    "scores.csv", "thresholds.txt", "checkpoints", "heatmaps", "curves", "studies", "ablations", "baselines",
+    "scores.csv", "thresholds.txt", "checkpoints", "heatmaps", "curves", "studies", "ablations", "methods",
 }  # fmt: skip
 LAYOUT_MODULE = "lsgs.layout"
 

@@ -20,11 +20,10 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from torch.utils.data import default_collate
 
 from data_modules import BraTSDataModule, MVTecDataModule
-from lsgs.checkpoints import checkpoint_metadata
+from lsgs.checkpoints import METHOD_KIND, checkpoint_metadata
 from lsgs.errors import CheckpointError, ConfigError, DataError, TrainingDivergedError
 from lsgs.evaluation import AnomalyMapModule
 from lsgs.methods.autoencoder import AutoencoderBaseline
-from lsgs.methods.base import BASELINE_KIND
 from lsgs.methods.intensity import IntensityBaseline
 from lsgs.methods.pixel_gaussian import PixelGaussianBaseline
 from lsgs.methods.statistics import mean_and_variance, pixel_gaussian_map, standardised_intensity
@@ -530,7 +529,7 @@ def test_autoencoder_in_channels_mismatch(brats_dm: BraTSDataModule) -> None:
 
 def test_nan_loss_raises_training_diverged() -> None:
     module = AutoencoderBaseline(variational=True, **TINY)
-    with pytest.raises(TrainingDivergedError, match=r"vae baseline loss is not finite .*lower model.lr"):
+    with pytest.raises(TrainingDivergedError, match=r"vae loss is not finite .*lower model.lr"):
         module.training_step({"image": torch.full((2, 3, 8, 8), float("nan"))}, 0)
 
 
@@ -548,13 +547,13 @@ def test_fit_is_seeded(brats_dm: BraTSDataModule) -> None:
 
 def test_unfitted_baselines_refuse_to_score(mvtec_dm: MVTecDataModule, tmp_path: Path) -> None:
     batch = default_collate([mvtec_dm.dataset("test")[0]])
-    with pytest.raises(ConfigError, match=r"ae baseline has no learned state: run trainer.fit first"):
+    with pytest.raises(ConfigError, match=r"ae method has no learned state: run trainer.fit first"):
         AutoencoderBaseline(**TINY).raw_anomaly_map(batch)
     calibration = tmp_path / "calibration.json"
     calibration.write_text(json.dumps({"val_threshold": 1.0, "image_threshold": 1.0}))
     # A given calibration skips every calibration pass, so the statistics must come from init_from.
     module = PixelGaussianBaseline(calibration=str(calibration), **QUIET)
-    with pytest.raises(ConfigError, match=r"pixel_gaussian baseline has no learned state.*model.init_from"):
+    with pytest.raises(ConfigError, match=r"pixel_gaussian method has no learned state.*model.init_from"):
         trainer().test(module, datamodule=mvtec_dm, verbose=False)
 
 
@@ -594,9 +593,9 @@ def test_checkpoint_round_trip_and_init_from(mvtec_dm: MVTecDataModule, tmp_path
 
     with pytest.raises(CheckpointError, match="does not exist"):
         IntensityBaseline(init_from=str(tmp_path / "missing.ckpt"))
-    with pytest.raises(CheckpointError, match="holds a 'pixel_gaussian' baseline; expected 'intensity'"):
+    with pytest.raises(CheckpointError, match="holds a 'pixel_gaussian' method; expected 'intensity'"):
         IntensityBaseline(init_from=str(tmp_path / "pg.ckpt"))
-    with pytest.raises(CheckpointError, match="holds a 'ae' baseline; expected 'vae'"):
+    with pytest.raises(CheckpointError, match="holds a 'ae' method; expected 'vae'"):
         AutoencoderBaseline(variational=True, **TINY, init_from=str(tmp_path / "ae.ckpt"))
     with pytest.raises(CheckpointError, match="is for in_channels=3, not 1"):
         PixelGaussianBaseline(in_channels=1, init_from=str(tmp_path / "pg.ckpt"))
@@ -605,10 +604,10 @@ def test_checkpoint_round_trip_and_init_from(mvtec_dm: MVTecDataModule, tmp_path
 
     def write(path: Path, state: dict, method: str = "pixel_gaussian") -> str:
         torch.save({"state_dict": state, "hyper_parameters": {"in_channels": 3},
-                    "lsgs": checkpoint_metadata(BASELINE_KIND, method=method)}, path)
+                    "lsgs": checkpoint_metadata(METHOD_KIND, method=method)}, path)
         return str(path)
 
-    with pytest.raises(CheckpointError, match="saved before the baseline was fitted"):
+    with pytest.raises(CheckpointError, match="saved before the method was fitted"):
         PixelGaussianBaseline(init_from=write(tmp_path / "unfitted.ckpt", PixelGaussianBaseline().state_dict()))
     with pytest.raises(CheckpointError, match=r"lacks \['fitted', 'pixel_mean', 'pixel_std'\]"):
         PixelGaussianBaseline(init_from=write(tmp_path / "partial.ckpt", {"eps": torch.tensor(1.0)}))

@@ -35,7 +35,7 @@ def test_recommended_configs_use_the_studied_scoring(recommended: str, tmp_path:
     assert (scoring["map_reference"], scoring["reconstruction_weight"], scoring["nll_quantile"]) == (
         "input", 0.5, 0.9
     )
-    assert {p.split(".", 1)[1] for p in experiment.plans if p.startswith("baselines.")} == {
+    assert {p.split(".", 1)[1] for p in experiment.plans if p.startswith("methods.")} == {
         "intensity", "pixel_gaussian", "ae", "vae"
     }
     # Same models and budget as the development-set configuration the study trained.

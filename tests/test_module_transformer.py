@@ -155,7 +155,7 @@ def test_vocabulary_and_length_come_from_the_vqvae_checkpoint(
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"attention": "none"}, "attention='none' means no transformer: skip the transformer stage"),
+        ({"attention": "none"}, "attention='none' is not one of .*without a transformer sets transformer.model"),
         ({"attention": "bidirectional"}, "model.attention='bidirectional' is not one of"),
         ({"tamper_ratio": 0.0}, r"tamper_ratio must be in \(0, 1\), got 0.0"),
         ({"tamper_ratio": 1.0}, r"tamper_ratio must be in \(0, 1\), got 1.0"),

@@ -35,7 +35,7 @@ TINY = [
     "--transformer.model.d_model=32", "--transformer.model.n_layers=1", "--transformer.model.n_heads=2",
     "--transformer.model.dropout=0.0", "--transformer.trainer.max_epochs=2",
     "--scoring.model.num_restorations=3", "--scoring.model.metric_bits=16",
-    "--run_baselines=false",
+    "--run_methods=false",
 ]  # fmt: skip
 
 
@@ -171,7 +171,7 @@ def test_a_run_folder_of_an_older_layout_fails_in_one_line(
 
     run_dir = copy_run(tiny_run, tmp_path)
     record = json.loads((run_dir / "run.json").read_text())
-    assert record.pop("layout_version") == 2
+    assert record.pop("layout_version") == 3
     (run_dir / "run.json").write_text(json.dumps(record))
     experiment_yaml = (run_dir / "experiment.yaml").read_bytes()
     with pytest.raises(ConfigError) as error:
@@ -357,28 +357,27 @@ def test_ablations_write_their_tables(
     assert len(list((run_dir / "ablations" / "wandb").glob("offline-run-*"))) == 1
 
 
-TINY_BASELINES = [
-    f"--baselines.{name}.{key}"
-    for name in ("ae", "vae")
-    for key in ("model.channels=[8,16]", "model.res_channels=8", "model.num_res_blocks=1", "model.code_dim=8",
-                "trainer.max_epochs=1")
-]
+# The AE/VAE take the tiny VQ-VAE's shape from the pipeline (pipeline_defaults); one epoch is enough here.
+TINY_METHODS = [f"--methods.{name}.trainer.max_epochs=1" for name in ("ae", "vae")]
 
 
-def test_baselines_join_the_summary_and_the_report(tiny_run: Path, tiny_run_with_methods: Path) -> None:
-    run_dir = tiny_run_with_methods  # the default run (no --stages) with baselines on, over a copy of tiny_run
+def test_methods_join_the_summary_and_the_report(tiny_run: Path, tiny_run_with_methods: Path) -> None:
+    run_dir = tiny_run_with_methods  # the default run (no --stages) with the methods on, over a copy of tiny_run
     assert done_mtimes(run_dir) == done_mtimes(tiny_run)  # the finished LSGS stages were skipped, not re-run
     scoring = json.loads((run_dir / "scoring" / "results.json").read_text())
     for name in ("intensity", "pixel_gaussian", "ae", "vae"):
-        results = json.loads((run_dir / "baselines" / name / "results.json").read_text())
+        results = json.loads((run_dir / "methods" / name / "results.json").read_text())
         assert results["method"] == name
         # Same harness settings and the same calibration protocol as LSGS.
         assert results["metric_region"] == scoring["metric_region"]
-        assert sorted(p.name for p in (run_dir / "baselines" / name / "heatmaps").glob("*.png")) == sorted(
+        assert sorted(p.name for p in (run_dir / "methods" / name / "heatmaps").glob("*.png")) == sorted(
             p.name for p in (run_dir / "scoring" / "heatmaps").glob("*.png"))
-    rows = (run_dir / "summary.csv").read_text().strip().splitlines()
-    assert [r.split(",")[0] for r in rows[1:]] == [
-        "baseline: ae", "baseline: intensity", "baseline: pixel_gaussian", "baseline: vae", "LSGS"]
+    with (run_dir / "summary.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["method"], r["kind"]) for r in rows] == [
+        ("LSGS", "method"), ("ae", "baseline"), ("intensity", "baseline"), ("pixel_gaussian", "baseline"),
+        ("vae", "baseline")]  # fmt: skip
+    assert {r["image_score"] for r in rows} == {"max"}
     report = (run_dir / "report.html").read_text()
     assert report.count("data:image/png;base64,") >= 2 + 6 * 5  # curves + 6 panels x 5 methods
 
@@ -416,7 +415,7 @@ def test_detect_scores_test_images_as_the_method_s_stage_did(
     run_dir = tiny_run_with_methods
     copied = nut_test_images(demo_mvtec_root, tmp_path / "nut")
     rows = run_detect(run_dir, tmp_path / "nut", tmp_path / "out", method)
-    stage = run_dir / "baselines" / method
+    stage = run_dir / "methods" / method
     with (stage / "image_scores.csv").open() as handle:
         tested = {Path(r["path"]).resolve(): float(r["score"]) for r in csv.DictReader(handle)}
     threshold = json.loads((stage / "calibration.json").read_text())["image_threshold"]

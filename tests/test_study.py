@@ -30,7 +30,7 @@ def studied(
     from lsgs.pipeline import main as pipeline_main
 
     run_dir = copy_run(tiny_run, tmp_path_factory.mktemp("study"))
-    no_trained_baselines = ["--run_baselines=true", "--baselines.ae.model=null", "--baselines.vae.model=null"]
+    no_trained_baselines = ["--run_methods=true", "--methods.ae.model=null", "--methods.vae.model=null"]
     pipeline_main(tiny_args(demo_mvtec_root, data_cache_dir, run_dir, *no_trained_baselines))
     study.main(["scoring", f"--run_dir={run_dir}", f"--grid={json.dumps(GRID)}", "--name=full"])
     return run_dir
@@ -49,10 +49,10 @@ def test_the_table_has_a_row_per_setting_and_the_floors(studied: Path) -> None:
         for q in GRID["nll_quantile"]
     ]  # fmt: skip
     assert [r["row"] for r in rows[len(study_rows) :]] == [
-        "baseline: intensity", "baseline: pixel_gaussian", "run as trained (scoring/)",
+        "run as trained (scoring/)", "baseline: intensity", "baseline: pixel_gaussian",
     ]  # fmt: skip
-    floor = json.loads((studied / "baselines" / "pixel_gaussian" / "results.json").read_text())["mean"]
-    assert float(rows[len(study_rows) + 1]["pixel_auroc"]) == floor["pixel_auroc"]
+    floor = json.loads((studied / "methods" / "pixel_gaussian" / "results.json").read_text())["mean"]
+    assert float(rows[len(study_rows) + 2]["pixel_auroc"]) == floor["pixel_auroc"]
     # Settings matter: the input reference and the added reconstruction error change the metrics.
     assert len({r["pixel_ap"] for r in study_rows}) == len(study_rows)
     markdown = (studied / "studies" / "full.md").read_text()

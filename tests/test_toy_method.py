@@ -21,26 +21,26 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 @pytest.fixture(scope="module")
 def toy_run(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory, demo_mvtec_root: Path, data_cache_dir: Path):
-    """A copy of the tiny run plus the toy method (the built-in baselines switched off), through ``lsgs``'s CLI."""
+    """A copy of the tiny run plus the toy method (the built-in methods switched off), through ``lsgs``'s CLI."""
     from lsgs.cli import main as lsgs_main
 
     folder = tmp_path_factory.mktemp("toy")
     run_dir = copy_run(tiny_run, folder)
     config = folder / "toy.yaml"
     config.write_text(TOY_CONFIG)
-    no_builtins = [f"--baselines.{name}.model=null" for name in BUILTIN_METHODS]
+    no_builtins = [f"--methods.{name}.model=null" for name in BUILTIN_METHODS]
     # The toy section comes from its own config file; an override of it from the command line must work too.
     args = tiny_args(demo_mvtec_root, data_cache_dir, run_dir, "--config", str(config), *no_builtins,
-                     "--run_baselines=true", "--stages=[baselines]", "--baselines.toy.model.init_args.in_channels=3")
+                     "--run_methods=true", "--stages=[methods]")
     lsgs_main(["pipeline", *args])
     return run_dir
 
 
 def test_the_pipeline_evaluates_the_toy_method_with_the_shared_harness(toy_run: Path, demo_mvtec_root) -> None:
-    stage = toy_run / "baselines" / "toy"
+    stage = toy_run / "methods" / "toy"
     results = json.loads((stage / "results.json").read_text())
-    assert results["method"] == "toy" and json.loads((stage / "done.json").read_text())["stage"] == "baselines.toy"
-    assert sorted(p.name for p in (toy_run / "baselines").iterdir()) == ["toy"]
+    assert results["method"] == "toy" and json.loads((stage / "done.json").read_text())["stage"] == "methods.toy"
+    assert sorted(p.name for p in (toy_run / "methods").iterdir()) == ["toy"]
     # Same harness settings as LSGS (copied from the scoring stage), and the image AUROC equals a recomputation
     # from the image scores the stage wrote.
     scoring = json.loads((toy_run / "scoring" / "results.json").read_text())
@@ -62,7 +62,7 @@ def test_detect_with_the_toy_method_gives_the_maxima_of_its_maps(
     from data_modules import ImageFolderDataModule
     from lsgs.nn.restoration import smooth_anomaly_map
 
-    stage = toy_run / "baselines" / "toy"
+    stage = toy_run / "methods" / "toy"
     calibration = json.loads((stage / "calibration.json").read_text())
     harness = yaml.safe_load((stage / "config.yaml").read_text())["model"]["init_args"]
     copied = nut_test_images(demo_mvtec_root, tmp_path / "nut")
@@ -85,13 +85,13 @@ def test_the_learned_mean_is_the_mean_of_the_training_images(toy_run: Path) -> N
 
     from lsgs.stage_cli import instantiate_stage
 
-    config = yaml.safe_load((toy_run / "baselines" / "toy" / "config.yaml").read_text())
+    config = yaml.safe_load((toy_run / "methods" / "toy" / "config.yaml").read_text())
     config["trainer"].update(logger=False, callbacks=[], enable_checkpointing=False, default_root_dir=None)
     config["model"]["init_args"]["output_dir"] = None
     datamodule = instantiate_stage(config).datamodule
     datamodule.setup("test")
     images = torch.cat([b["image"].double() for b in datamodule.train_eval_dataloader()])
-    calibration = json.loads((toy_run / "baselines" / "toy" / "calibration.json").read_text())
+    calibration = json.loads((toy_run / "methods" / "toy" / "calibration.json").read_text())
     assert calibration[TRAIN_MEAN] == pytest.approx(float(images.mean()), rel=1e-12)
 
 
@@ -104,12 +104,12 @@ def test_the_report_lists_the_toy_row(toy_run: Path, tmp_path: Path) -> None:
     lsgs_main(["report", f"--run_dir={run_dir}"])
     with (run_dir / "summary.csv").open() as handle:
         rows = {r["method"]: r for r in csv.DictReader(handle)}
-    assert list(rows) == ["baseline: toy", "LSGS"]
-    results = json.loads((run_dir / "baselines" / "toy" / "results.json").read_text())
+    assert list(rows) == ["LSGS", "toy"] and rows["toy"]["kind"] == "method"
+    results = json.loads((run_dir / "methods" / "toy" / "results.json").read_text())
     which = "mean" if len(results["per_category"]) > 1 else "pooled"
     for key in ("pixel_auroc", "pixel_ap", "image_auroc"):
-        assert float(rows["baseline: toy"][key]) == results[which][key], key
-    assert "baseline: toy" in (run_dir / "report.html").read_text()
+        assert float(rows["toy"][key]) == results[which][key], key
+    assert "<td>toy</td><td>method</td>" in (run_dir / "report.html").read_text()
 
 
 def test_the_toy_class_is_a_plain_harness_subclass() -> None:
@@ -122,10 +122,10 @@ def test_method_names_come_from_config_files_and_the_command_line(tmp_path: Path
 
     nested, dotted = tmp_path / "nested.yaml", tmp_path / "dotted.yaml"
     nested.write_text(TOY_CONFIG)
-    dotted.write_text("baselines.zeta.model: {class_path: toy_method.MeanDifference}\n")
-    argv = ["--config", str(nested), f"-c={dotted}", "--baselines.alpha.trainer.max_epochs=1",
-            "--baselines.ae.model=null"]  # fmt: skip
+    dotted.write_text("methods.zeta.model: {class_path: toy_method.MeanDifference}\n")
+    argv = ["--config", str(nested), f"-c={dotted}", "--methods.alpha.trainer.max_epochs=1",
+            "--methods.ae.model=null"]  # fmt: skip
     assert discover_method_names(argv) == [*BUILTIN_METHODS, "alpha", "toy", "zeta"]
     assert discover_method_names([]) == list(BUILTIN_METHODS)
     with pytest.raises(ConfigError, match="method name 'lsgs'"):
-        discover_method_names(["--baselines.lsgs.model=null"])
+        discover_method_names(["--methods.lsgs.model=null"])

@@ -55,12 +55,10 @@ def toy_map(images: torch.Tensor, mean: float) -> torch.Tensor:
     return (images.float() - mean).abs().mean(dim=1, keepdim=True)
 
 
-# The config entry: a ``baselines.<name>`` section of an experiment YAML.
+# The config entry: a ``methods.<name>`` section of an experiment YAML (its in_channels comes from the data).
 TOY_CONFIG = """\
-baselines:
+methods:
   toy:
     model:
       class_path: toy_method.MeanDifference
-      init_args:
-        in_channels: 3
 """

@@ -39,14 +39,14 @@ def _variants(table: str) -> list[tuple[str, dict[str, Any], bool]]:
             },
             False,
         ),
-        ("w/o", {"transformer.model.init_args.attention": "none"}, False),
+        ("w/o", {"transformer.model": None}, False),
     ]
 
 
 def _apply(config: Namespace, changes: dict[str, Any]) -> Namespace:
     config = copy.deepcopy(config)
     for key, value in changes.items():
-        if key.startswith("transformer.model") and config.transformer.model is None:
+        if key.startswith("transformer.model.") and config.transformer.model is None:
             raise ConfigError("the attention ablation needs a transformer.model in the experiment config")
         config[key] = value
     return config

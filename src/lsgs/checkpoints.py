@@ -14,11 +14,20 @@ from typing import Any
 
 import torch
 
-from lsgs.errors import CheckpointError
+from lsgs.errors import CheckpointError, ConfigError
 
 CHECKPOINT_FORMAT = 1
 VQVAE_KIND = "vqvae"
 TRANSFORMER_KIND = "transformer"
+METHOD_KIND = "method"  # the learned state of an evaluated method of ``lsgs.methods``
+
+
+def require_checkpoint(path: str | None, argument: str) -> str:
+    """``path``, or a ``ConfigError`` naming ``argument`` when an upstream checkpoint the pipeline fills in is
+    missing (a stage run alone with ``lsgs fit|test -c`` without it)."""
+    if path is None:
+        raise ConfigError(f"{argument} is required (the pipeline fills it in)")
+    return path
 
 
 def checkpoint_metadata(kind: str, **extra: Any) -> dict[str, Any]:
@@ -31,7 +40,7 @@ def load_checkpoint(path: str | os.PathLike, expected_kind: str, argument: str) 
 
     Args:
         path: checkpoint file.
-        expected_kind: ``"vqvae"`` or ``"transformer"``.
+        expected_kind: ``VQVAE_KIND``, ``TRANSFORMER_KIND`` or ``METHOD_KIND``.
         argument: the configuration key the path came from, used in error messages.
 
     Raises:

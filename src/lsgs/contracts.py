@@ -41,6 +41,15 @@ class HasValFraction(Protocol):
 
 
 @runtime_checkable
+class HasNormalsPerCategory(Protocol):
+    @property
+    def normals_per_category(self) -> bool:
+        """True when each category has training normals of its own (MVTec: ``<category>/train/good``); False
+        when the categories share one population of training normals (a folder data set's normal folder)."""
+        ...
+
+
+@runtime_checkable
 class StageData(HasNumChannels, HasTestCategories, HasImageSize, HasValFraction, Protocol):
     """What the stages read off their data module: ``num_channels``, ``test_categories``, ``image_size``,
     ``val_fraction``."""
@@ -64,6 +73,12 @@ def channels_of(datamodule: Any) -> int | None:
 def categories_of(datamodule: Any) -> list[str]:
     """``datamodule.test_categories`` as a list (empty when it does not say or names none)."""
     return list((datamodule.test_categories if isinstance(datamodule, HasTestCategories) else None) or [])
+
+
+def normals_per_category_of(datamodule: Any) -> bool:
+    """``datamodule.normals_per_category``; True when it does not say (each category's training images are its
+    own, as in the MVTec layouts)."""
+    return bool(datamodule.normals_per_category) if isinstance(datamodule, HasNormalsPerCategory) else True
 
 
 def image_size_of(datamodule: Any) -> int | None:

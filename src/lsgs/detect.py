@@ -1,6 +1,6 @@
 """``lsgs detect``: anomaly heatmaps and image scores for a folder of unlabelled images, from a finished run.
 
-Any evaluated method of the run can score (``--method``, default ``lsgs``; the built-in baselines and any other
+Any evaluated method of the run can score (``--method``, default ``lsgs``; the built-in methods and any other
 configured method by name). The method is rebuilt from its stage folder by the evaluation harness and uses the
 thresholds its stage set on the validation normals (``calibration.json``): the pixel threshold draws the
 predicted region, the image threshold decides the ``anomalous`` column of ``scores.csv``.

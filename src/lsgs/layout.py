@@ -6,7 +6,7 @@ A run folder (``runs/<name>`` unless ``--run_dir`` says otherwise)::
     experiment.yaml               the parsed experiment config
     results.{json,csv,md}         LSGS's results, copied from scoring/
     summary.{md,csv}, report.html every evaluated method side by side (``lsgs report``)
-    <stage>/                      vqvae, aggregator, finetune, transformer, scoring, baselines/<method>
+    <stage>/                      vqvae, aggregator, finetune, transformer, scoring, methods/<method>
         stage.json                hash of the config that started the stage
         config.yaml               the stage's LightningCLI config (re-runnable alone)
         done.json                 written last: the stage finished with that hash
@@ -28,13 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# Bumped when a change makes the stage folders of older runs unusable (e.g. stage hashes that cover moved class
-# paths). A run folder with another version and finished stages cannot resume: start a new run.
-# Version 2: the run layer split out of pipeline.py (issue 11); folders before it carry no version.
-LAYOUT_VERSION = 2
+# Bumped when a change makes the stage folders of older runs unusable (stage hashes that cover moved class paths,
+# renamed folders, paths stored differently). A run folder of another version cannot be resumed or read: start a
+# new run.
+LAYOUT_VERSION = 3
 
 DEFAULT_RUNS_ROOT = Path("runs")
-METHOD_STAGE_PREFIX = "baselines"  # stage key of an evaluated method other than LSGS: baselines.<method>
+METHOD_STAGE_PREFIX = "methods"  # stage key of an evaluated method other than LSGS: methods.<method>
 LSGS_STAGES = ("vqvae", "aggregator", "finetune", "transformer", "scoring")
 # What a finished stage must have produced (relative to its folder).
 STAGE_OUTPUTS = {
@@ -211,7 +211,7 @@ class RunLayout:
 
     # stages
     def stage(self, key: str) -> StageLayout:
-        """``stage("vqvae")`` -> ``<root>/vqvae``; ``stage("baselines.ae")`` -> ``<root>/baselines/ae``."""
+        """``stage("vqvae")`` -> ``<root>/vqvae``; ``stage("methods.ae")`` -> ``<root>/methods/ae``."""
         return StageLayout(self.root.joinpath(*key.split(".")))
 
     @property
@@ -292,5 +292,5 @@ class DetectLayout:
 
 
 def method_stage_key(name: str) -> str:
-    """Stage key of an evaluated method: ``lsgs`` -> ``scoring``, any other name -> ``baselines.<name>``."""
+    """Stage key of an evaluated method: ``lsgs`` -> ``scoring``, any other name -> ``methods.<name>``."""
     return "scoring" if name == "lsgs" else f"{METHOD_STAGE_PREFIX}.{name}"

@@ -13,7 +13,7 @@ recomputed per row.
 
 Outputs: ``RUN/studies/<name>.{md,csv}`` (default name ``scoring``): one row per setting with pixel AUROC, pixel AP,
 Dice (best and validation threshold), AUPRO (when the run computes it) and image AUROC, and the run's LSGS row and
-its baselines (the floors) beside them, each study row with the command that reproduces it alone
+its other methods (the baselines are the floors) beside them, each study row with the command that reproduces it alone
 (``lsgs test -c RUN/scoring/config.yaml ... --model.init_args.<option>=<value>``, results in
 ``RUN/studies/repro/<row id>/``; it never touches the run's own outputs).
 
@@ -41,7 +41,7 @@ from typing import Any
 from lsgs.errors import ConfigError
 from lsgs.io import atomic_write_json, atomic_write_text, read_json, read_json_or_none
 from lsgs.layout import RunLayout
-from lsgs.methods.registry import LSGS_METHOD, evaluated_methods
+from lsgs.methods.registry import ABLATION_KIND, LSGS_METHOD, evaluated_methods
 from lsgs.metrics.image import IMAGE_SCORES
 from lsgs.progress import progress
 from lsgs.reports.tables import METRIC_COLUMNS, csv_text, format_value, markdown_table
@@ -295,15 +295,15 @@ def run_study(
 def write_tables(
     run_dir: Path, name: str, grid: dict[str, list[Any]], records: Sequence[dict[str, Any]]
 ) -> str:
-    """``RUN/studies/<name>.{md,csv}``: the study rows, then the run's LSGS row and its baselines (the floors)."""
+    """``RUN/studies/<name>.{md,csv}``: the study rows, then the run's LSGS row and its other methods (the floors)."""
     layout = RunLayout.of(run_dir)
     keys = list(grid)
     metric_keys = [k for k, _ in METRIC_COLUMNS]
     floors = []
     for method in evaluated_methods(run_dir):
-        if method.label.startswith("ablation:"):
+        if method.kind == ABLATION_KIND:
             continue
-        label = "run as trained (scoring/)" if method.name == LSGS_METHOD else method.label
+        label = "run as trained (scoring/)" if method.name == LSGS_METHOD else f"{method.kind}: {method.label}"
         floors.append((label, _row_values(read_json(method.stage.results_json, "results"))))
     header_md = ["#", *keys, *(title for _, title in METRIC_COLUMNS), "s"]
     md_rows, csv_rows = [], []
@@ -331,7 +331,7 @@ def write_tables(
     title = (
         f"Scoring study on {run_dir} (values in %; mean over categories when there are several; s = seconds to "
         "score the row, the first rows of a group also fill the cache). The last rows are the run's own LSGS "
-        "scoring and its baselines, the floors to beat."
+        "scoring and its other methods (the baselines are the floors to beat)."
     )
     commands = "\n".join(f"{i}. `{r['command']}`" for i, r in enumerate(records, start=1))
     markdown = f"{title}\n\n{markdown_table(header_md, md_rows)}\nReproduce a row alone:\n\n{commands}\n"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
@@ -30,6 +30,10 @@ from lsgs.nn.restoration import smooth_anomaly_map
 from lsgs.progress import progress
 
 METRIC_REGIONS = ("all", "roi")
+# What calibration on the validation normals set (``calibration.json``): ``val_threshold``, ``image_threshold``,
+# ``val_quantile``, ``image_quantile`` (numbers), and what a method adds (LSGS: ``nll_threshold``, or
+# ``nll_thresholds``, a ``{category: threshold}`` table).
+Calibration = dict[str, float | dict[str, float]]
 
 
 class AnomalyMapModule(LightningModule, abc.ABC):
@@ -59,6 +63,12 @@ class AnomalyMapModule(LightningModule, abc.ABC):
     """
 
     method_name = "method"
+    # ``baseline`` (a floor every method must beat: intensity, pixel_gaussian, ae, vae, patchcore) or ``method``
+    # (LSGS, HVQ-Trans, and by default a user's own class); the summary labels each row with it.
+    kind = "method"
+    # Experiment keys the pipeline copies into this method's stage when its own config leaves them unset (None):
+    # ``{"model.init_args.<arg>" or "trainer.<key>": "<stage>.model.init_args.<arg>" or "<stage>.trainer.<key>"}``.
+    pipeline_defaults: ClassVar[dict[str, str]] = {}
 
     def __init__(
         self,
@@ -98,7 +108,7 @@ class AnomalyMapModule(LightningModule, abc.ABC):
         self.compute_aupro = compute_aupro
         self.heatmaps_per_category = heatmaps_per_category
         self.heatmap_seed = heatmap_seed
-        self.calibration: dict[str, float] = {}
+        self.calibration: Calibration = {}
         if calibration is not None:
             self.calibration = read_json(calibration, "model.calibration")
         self.results: dict[str, Any] | None = None
@@ -122,7 +132,8 @@ class AnomalyMapModule(LightningModule, abc.ABC):
         return []
 
     def calibrate_step(self, phase: str, batch: dict[str, Any]) -> None:
-        """Accumulate the statistics of ``phase`` on one validation batch."""
+        """Accumulate the statistics of ``phase`` on one batch of the split ``calibration_phases`` names for it
+        (validation normals, or the training split)."""
 
     def finish_calibration(self, phase: str) -> None:
         """Turn the (already DDP-synced) statistics of ``phase`` into ``self.calibration`` entries."""
@@ -169,8 +180,12 @@ class AnomalyMapModule(LightningModule, abc.ABC):
         """``[B]`` image scores of ``[B, 1, H, W]`` final maps by ``image_score`` (over ``valid`` pixels if given)."""
         return reduce_image_scores(maps, self.image_score, self.image_topk, valid)
 
+    def image_score_name(self) -> str:
+        """How this method scores an image, for the results and the summary (``max``, ``topk_mean 0.1``)."""
+        return self.image_score if self.image_score == "max" else f"{self.image_score} {self.image_topk:g}"
+
     # ------------------------------------------------------------------------------------------- calibration
-    def calibrate(self) -> dict[str, float]:
+    def calibrate(self) -> Calibration:
         """Run every calibration pass over the validation normals of the attached data module."""
         if self.calibration:
             rank_zero_info(f"[lsgs] using the given calibration: {self.calibration}")
@@ -294,6 +309,8 @@ class AnomalyMapModule(LightningModule, abc.ABC):
         curves = pooled_pixel_curves(self.metrics)
         self.results = {
             "method": self.method_name,
+            "kind": self.kind,
+            "image_score": self.image_score_name(),
             "method_info": self.method_info(),
             "calibration": self.calibration,
             "metric_region": self.metric_region,

@@ -18,11 +18,11 @@ def load_method(stage_dir: str | Path) -> AnomalyMapModule:
     The module is built from the stage's ``config.yaml`` (its ``model`` class and arguments), with no output
     folder, the stage's ``calibration.json`` (so no calibration pass runs: predicting needs no data module with
     validation normals) and whatever the method class adds through ``AnomalyMapModule.loading_arguments`` (the
-    baselines: ``init_from`` their learned state). LSGS needs nothing more: its config names the VQ-VAE and
-    transformer checkpoints by absolute path.
+    methods of ``lsgs.methods``: ``init_from`` their learned state). LSGS needs nothing more: its config names the
+    VQ-VAE and transformer checkpoints by absolute path.
 
     Args:
-        stage_dir: a finished stage folder: ``<run>/scoring`` (LSGS) or ``<run>/baselines/<method>``.
+        stage_dir: a finished stage folder: ``<run>/scoring`` (LSGS) or ``<run>/methods/<method>``.
 
     Returns:
         The module in eval mode. ``module.pixel_threshold`` (the validation quantile of the normal pixels' map

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -12,58 +12,68 @@ from torch import Tensor
 from typing_extensions import override
 
 from lsgs.errors import ConfigError, TrainingDivergedError
-from lsgs.methods.base import BaselineModule
+from lsgs.methods.base import MethodModule
 from lsgs.nn.autoencoder import ConvAutoencoder, kl_per_image_element
 from lsgs.nn.restoration import reconstruction_error_map
 from lsgs.nn.vqvae import VQVAEConfig
 
 _VQVAE_DEFAULTS = VQVAEConfig()
+_DEFAULT_LR = 1e-3
 
 
-class AutoencoderBaseline(BaselineModule):
+class AutoencoderBaseline(MethodModule):
     """Reconstruction-error baseline: a conv autoencoder (``ae``) or VAE (``vae``) without the quantiser.
 
-    The net is :class:`lsgs.nn.autoencoder.ConvAutoencoder` with the VQ-VAE's encoder/decoder shape; defaults are
-    the CPU-sized ``VQVAEConfig`` defaults. Fit with ``trainer.fit`` (L1 reconstruction loss as the VQ-VAE, plus
-    ``kl_weight * KL`` for the VAE, KL per image element, see ``kl_per_image_element``), then score with
-    ``trainer.test`` on the same module: map = mean over channels of ``|x - x_hat|``, with ``x_hat`` decoded from
+    The net is :class:`lsgs.nn.autoencoder.ConvAutoencoder` with the VQ-VAE's encoder/decoder shape. The paper's
+    AE/VAE rows are the VQ-VAE without its quantiser, so in a pipeline the shape, the learning rate and the epochs
+    left unset (None) are the run's stage-1 VQ-VAE's (``pipeline_defaults``); built alone they are the CPU-sized
+    ``VQVAEConfig`` defaults and a learning rate of 1e-3. Fit with ``trainer.fit`` (L1 reconstruction loss as the
+    VQ-VAE, plus ``kl_weight * KL`` for the VAE, KL per image element, see ``kl_per_image_element``), then score
+    with ``trainer.test`` on the same module: map = mean over channels of ``|x - x_hat|``, with ``x_hat`` decoded from
     the posterior mean (deterministic) for the VAE.
 
     Args:
         variational: VAE (Gaussian latent, ``method_name`` "vae") instead of AE ("ae").
-        in_channels: image channels (3 MVTec, 1 BraTS); checked against the data module.
-        channels: widths of the stride-2 stages (downsampling ``2 ** len(channels)``).
-        num_res_blocks: residual blocks in the encoder and decoder stacks.
-        res_channels: hidden width of the residual blocks.
-        code_dim: latent channels ``D`` per position.
-        lr: Adam learning rate.
+        in_channels: image channels (3 MVTec, 1 BraTS); the pipeline sets the data module's.
+        channels: widths of the stride-2 stages (downsampling ``2 ** len(channels)``); None: see above.
+        num_res_blocks: residual blocks in the encoder and decoder stacks; None: see above.
+        res_channels: hidden width of the residual blocks; None: see above.
+        code_dim: latent channels ``D`` per position; None: see above.
+        lr: Adam learning rate; None: see above.
         weight_decay: Adam weight decay.
         kl_weight: weight of the KL term (VAE only); with the KL per image element it is the scale ``b`` of the
             Laplace likelihood the L1 loss stands for (see ``kl_per_image_element``), so it should be of the order
             of the reconstruction error; 0 gives an AE with a noisy latent.
-        init_from: a checkpoint of a fitted baseline of the same kind and shape to start from.
+        init_from: a checkpoint of a fitted AE/VAE of the same kind and shape to start from.
         **kwargs: the harness arguments of ``AnomalyMapModule``.
     """
 
     method_name = "ae"
+    kind = "baseline"
     _fit_hint = "run trainer.fit first"
     requires_fit = True
+    pipeline_defaults: ClassVar[dict[str, str]] = {
+        **{f"model.init_args.{name}": f"vqvae.model.init_args.{name}"
+           for name in ("channels", "num_res_blocks", "res_channels", "code_dim", "lr")},
+        "trainer.max_epochs": "vqvae.trainer.max_epochs",
+    }  # fmt: skip
 
     def __init__(
         self,
         variational: bool = False,
         in_channels: int = 3,
-        channels: tuple[int, ...] = _VQVAE_DEFAULTS.channels,
-        num_res_blocks: int = _VQVAE_DEFAULTS.num_res_blocks,
-        res_channels: int = _VQVAE_DEFAULTS.res_channels,
-        code_dim: int = _VQVAE_DEFAULTS.code_dim,
-        lr: float = 1e-3,
+        channels: tuple[int, ...] | None = None,
+        num_res_blocks: int | None = None,
+        res_channels: int | None = None,
+        code_dim: int | None = None,
+        lr: float | None = None,
         weight_decay: float = 0.0,
         kl_weight: float = 0.01,
         init_from: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(in_channels=in_channels, init_from=init_from, **kwargs)
+        lr = _DEFAULT_LR if lr is None else lr
         for name, value, zero_ok in (("lr", lr, False), ("weight_decay", weight_decay, True),
                                      ("kl_weight", kl_weight, True)):
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -72,8 +82,13 @@ class AutoencoderBaseline(BaselineModule):
                 raise ConfigError(f"model.{name} must be a finite number {bound}, got {value!r}")
         self.method_name = "vae" if variational else "ae"
         self.save_hyperparameters()
-        config = VQVAEConfig(in_channels=in_channels, channels=tuple(channels), num_res_blocks=num_res_blocks,
-                             res_channels=res_channels, code_dim=code_dim)
+        config = VQVAEConfig(
+            in_channels=in_channels,
+            channels=tuple(_VQVAE_DEFAULTS.channels if channels is None else channels),
+            num_res_blocks=_VQVAE_DEFAULTS.num_res_blocks if num_res_blocks is None else num_res_blocks,
+            res_channels=_VQVAE_DEFAULTS.res_channels if res_channels is None else res_channels,
+            code_dim=_VQVAE_DEFAULTS.code_dim if code_dim is None else code_dim,
+        )
         self.net = ConvAutoencoder(config, variational=variational)
         self._load_init_from()
 
@@ -98,7 +113,7 @@ class AutoencoderBaseline(BaselineModule):
         if not torch.isfinite(losses["loss"]):
             details = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
             raise TrainingDivergedError(
-                f"{self.method_name} baseline loss is not finite at epoch {self.current_epoch}, step "
+                f"{self.method_name} loss is not finite at epoch {self.current_epoch}, step "
                 f"{self.global_step} ({details}); lower model.lr (now {self.hparams.lr}) or check the input data"
             )
         batch_size = batch["image"].shape[0]

@@ -1,8 +1,8 @@
-"""What every baseline shares on top of the evaluation harness (``BaselineModule``), and the base of the baselines
-whose learned state is a few statistics of the training images (``StatisticsBaseline``).
+"""What the methods of ``lsgs.methods`` share on top of the evaluation harness (``MethodModule``), and the base of
+the baselines whose learned state is a few statistics of the training images (``StatisticsBaseline``).
 
-Everything a baseline learns is kept in buffers, so a Lightning checkpoint of a fitted baseline holds it and
-``init_from`` reloads it: ``lsgs.evaluation.load_method`` rebuilds a finished baseline stage that way.
+Everything a method learns is kept in parameters and buffers, so a Lightning checkpoint of a fitted method holds it
+and ``init_from`` reloads it: ``lsgs.evaluation.load_method`` rebuilds a finished method stage that way.
 """
 
 from __future__ import annotations
@@ -14,23 +14,24 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lsgs.checkpoints import checkpoint_metadata, load_checkpoint
-from lsgs.contracts import categories_of, channels_of, trainer_data
+from lsgs.checkpoints import METHOD_KIND, checkpoint_metadata, load_checkpoint
+from lsgs.contracts import categories_of, channels_of, normals_per_category_of, trainer_data
 from lsgs.errors import CheckpointError, ConfigError, DataError
 from lsgs.evaluation import AnomalyMapModule
 from lsgs.layout import StageLayout
 
-BASELINE_KIND = "baseline"
 STATISTICS_PHASE = "statistics"
 
 
-class BaselineModule(AnomalyMapModule):
-    """What every baseline shares on top of the harness: the channel check, ``fitted`` state, checkpoints.
+class MethodModule(AnomalyMapModule):
+    """What the methods of ``lsgs.methods`` share on top of the harness: the channel check, ``fitted`` state,
+    checkpoints of the learned state.
 
     Args:
-        in_channels: image channels the baseline is for (3 MVTec, 1 BraTS); checked against the data module in
-            ``setup`` and used by ``lsgs detect`` (``num_image_channels``).
-        init_from: a checkpoint of the same fitted baseline (Lightning checkpoint written while or after it was
+        in_channels: image channels the method is for (3 MVTec, 1 BraTS); the pipeline sets it to the data
+            module's. Checked against the data module in ``setup`` and used by ``lsgs detect``
+            (``num_image_channels``).
+        init_from: a checkpoint of the same fitted method (Lightning checkpoint written while or after it was
             fitted) whose learned state (statistics or weights) is loaded, so it is not fitted again.
         **kwargs: the harness arguments of ``AnomalyMapModule`` (output_dir, smoothing, metric_region, ...).
     """
@@ -64,14 +65,14 @@ class BaselineModule(AnomalyMapModule):
     def _check_fitted(self) -> None:
         if not bool(self.fitted):
             raise ConfigError(
-                f"the {self.method_name} baseline has no learned state: {self._fit_hint}, or pass "
-                f"model.init_from=<a checkpoint of a fitted {self.method_name} baseline>"
+                f"the {self.method_name} method has no learned state: {self._fit_hint}, or pass "
+                f"model.init_from=<a checkpoint of a fitted {self.method_name} method>"
             )
 
     def _check_images(self, images: Tensor) -> None:
         if images.dim() != 4 or images.shape[1] != self.in_channels:
             raise DataError(
-                f"{self.method_name} baseline: expected images [B, {self.in_channels}, H, W], got shape "
+                f"{self.method_name} method: expected images [B, {self.in_channels}, H, W], got shape "
                 f"{tuple(images.shape)}"
             )
 
@@ -87,11 +88,11 @@ class BaselineModule(AnomalyMapModule):
         if self.init_from is None:
             return
         path = self.init_from
-        checkpoint = load_checkpoint(path, BASELINE_KIND, "model.init_from")
+        checkpoint = load_checkpoint(path, METHOD_KIND, "model.init_from")
         method = checkpoint["lsgs"].get("method")
         if method != self.method_name:
             raise CheckpointError(
-                f"model.init_from '{path}' holds a '{method}' baseline; expected '{self.method_name}'"
+                f"model.init_from '{path}' holds a '{method}' method; expected '{self.method_name}'"
             )
         saved_channels = checkpoint.get("hyper_parameters", {}).get("in_channels")
         if saved_channels != self.in_channels:
@@ -110,7 +111,7 @@ class BaselineModule(AnomalyMapModule):
                 f"model.init_from '{path}' does not match the configured model: {error}"
             ) from error
         if not bool(self.fitted):
-            raise CheckpointError(f"model.init_from '{path}' was saved before the baseline was fitted")
+            raise CheckpointError(f"model.init_from '{path}' was saved before the method was fitted")
 
     def _sum_over_ranks(self, tensor: Tensor) -> Tensor:
         """All-reduce a sum over DDP ranks (identity on one device)."""
@@ -118,7 +119,7 @@ class BaselineModule(AnomalyMapModule):
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["lsgs"] = checkpoint_metadata(BASELINE_KIND, method=self.method_name)
+        checkpoint["lsgs"] = checkpoint_metadata(METHOD_KIND, method=self.method_name)
         # The checkpoint holds the learned state itself: rebuilding from it must not need the init_from file.
         if "hyper_parameters" in checkpoint:
             checkpoint["hyper_parameters"]["init_from"] = None
@@ -130,16 +131,16 @@ class BaselineModule(AnomalyMapModule):
         # harness) or the weights its training wrote (the runner's rolling checkpoint), the same file either way.
         if not stage.last_checkpoint.is_file():
             raise ConfigError(
-                f"'{stage.folder}' has no learned state ({stage.last_checkpoint} is missing: the stage ran before "
-                "baselines kept it); start a new run (--run_dir) to use this method with lsgs detect"
+                f"'{stage.folder}' has no learned state ({stage.last_checkpoint} is missing); the stage did not "
+                "finish: re-run the pipeline"
             )
         return {"init_from": str(stage.last_checkpoint)}
 
 
-class StatisticsBaseline(BaselineModule):
+class StatisticsBaseline(MethodModule):
     """A baseline whose state is a few statistics of the training images, computed in the train pass.
 
-    With ``per_category`` (default) the statistics are kept per category, as the data module's
+    With ``per_category`` the statistics are kept per category, as the data module's
     ``test_categories`` name them: MVTec is evaluated per category, and a per-pixel Gaussian (or a mean colour)
     of a mixture of carpets and screws describes neither. The statistic buffers then have a leading category
     dimension; an image is scored with the statistics of its ``category``.
@@ -148,19 +149,22 @@ class StatisticsBaseline(BaselineModule):
     data) and are resized to the stored shapes when a state dict is loaded.
 
     Args:
-        per_category: one set of statistics per category (False: one set for all training images).
-        **kwargs: see ``BaselineModule`` and ``AnomalyMapModule``.
+        per_category: one set of statistics per category (False: one set for all training images). None (the
+            default): per category when the data module's categories have training normals of their own (MVTec AD,
+            MVTec 3D-AD, BraTS), one set when its categories share one population of normals (a folder data set).
+        **kwargs: see ``MethodModule`` and ``AnomalyMapModule``.
     """
 
+    kind = "baseline"
     _statistics: tuple[str, ...] = ()
     _counted = "values"  # what the count of ``_batch_sums`` counts, for messages
     # With model.calibration given the harness skips every calibration pass, statistics included.
     _fit_hint = "let trainer.test compute its statistics (without model.calibration)"
     _ALL = "*"  # the single "category" when statistics are not per category
 
-    def __init__(self, per_category: bool = True, **kwargs: Any) -> None:
+    def __init__(self, per_category: bool | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.per_category = bool(per_category)
+        self.per_category = per_category
         self.categories: list[str] = []
 
     @override
@@ -174,7 +178,7 @@ class StatisticsBaseline(BaselineModule):
     @override
     def _load_init_from(self) -> None:
         if self.init_from is not None:
-            meta = load_checkpoint(self.init_from, BASELINE_KIND, "model.init_from")["lsgs"]
+            meta = load_checkpoint(self.init_from, METHOD_KIND, "model.init_from")["lsgs"]
             self.categories = list(meta.get("categories", []))
         super()._load_init_from()
 
@@ -188,8 +192,10 @@ class StatisticsBaseline(BaselineModule):
         # Statistics loaded with init_from are kept; otherwise they come from the training split.
         if bool(self.fitted):
             return []
-        categories = categories_of(trainer_data(self._trainer))
-        self.categories = categories if self.per_category and categories else [self._ALL]
+        datamodule = trainer_data(self._trainer)
+        categories = categories_of(datamodule)
+        per_category = normals_per_category_of(datamodule) if self.per_category is None else self.per_category
+        self.categories = categories if per_category and categories else [self._ALL]
         return [(STATISTICS_PHASE, "train")]
 
     @override

@@ -35,7 +35,7 @@ class IntensityBaseline(StatisticsBaseline):
 
     Args:
         signed: one channel only: keep negative z-scores (default False: clip at 0, hyperintensity only).
-        in_channels, init_from, **kwargs: see ``BaselineModule`` and ``AnomalyMapModule``.
+        in_channels, init_from, **kwargs: see ``MethodModule`` and ``AnomalyMapModule``.
     """
 
     method_name = "intensity"
@@ -45,7 +45,7 @@ class IntensityBaseline(StatisticsBaseline):
     def __init__(
         self,
         signed: bool = False,
-        per_category: bool = True,
+        per_category: bool | None = None,
         in_channels: int = 3,
         init_from: str | None = None,
         **kwargs: Any,

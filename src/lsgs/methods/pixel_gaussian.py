@@ -29,7 +29,7 @@ class PixelGaussianBaseline(StatisticsBaseline):
 
     Args:
         eps_fraction: ``eps`` as a fraction of the mean per-pixel standard deviation; > 0.
-        in_channels, init_from, **kwargs: see ``BaselineModule`` and ``AnomalyMapModule``.
+        in_channels, init_from, **kwargs: see ``MethodModule`` and ``AnomalyMapModule``.
     """
 
     method_name = "pixel_gaussian"
@@ -39,7 +39,7 @@ class PixelGaussianBaseline(StatisticsBaseline):
     def __init__(
         self,
         eps_fraction: float = 0.1,
-        per_category: bool = True,
+        per_category: bool | None = None,
         in_channels: int = 3,
         init_from: str | None = None,
         **kwargs: Any,

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from typing_extensions import override
 
-from lsgs.checkpoints import state_fingerprint
+from lsgs.checkpoints import require_checkpoint, state_fingerprint
 from lsgs.contracts import categories_of
 from lsgs.errors import CheckpointError, ConfigError
 from lsgs.evaluation import AnomalyMapModule
@@ -128,8 +128,7 @@ class ScoringModule(AnomalyMapModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if vqvae_checkpoint is None:
-            raise ConfigError("model.vqvae_checkpoint is required (the pipeline fills it in)")
+        require_checkpoint(vqvae_checkpoint, "model.vqvae_checkpoint")
         if num_restorations < 1:
             raise ConfigError(f"model.num_restorations must be >= 1, got {num_restorations}")
         if not 0.0 < nll_quantile < 1.0:

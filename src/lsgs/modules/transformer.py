@@ -12,10 +12,17 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from typing_extensions import override
 
-from lsgs.checkpoints import TRANSFORMER_KIND, checkpoint_metadata, load_checkpoint, state_fingerprint
+from lsgs.checkpoints import (
+    TRANSFORMER_KIND,
+    checkpoint_metadata,
+    load_checkpoint,
+    require_checkpoint,
+    state_fingerprint,
+)
 from lsgs.errors import ConfigError, TrainingDivergedError
 from lsgs.modules.vqvae import VQVAE
 from lsgs.nn.transformer import (
+    ATTENTION_TYPES,
     CodeTransformer,
     CodeTransformerConfig,
     check_reduction,
@@ -24,8 +31,7 @@ from lsgs.nn.transformer import (
     tampering_loss,
 )
 
-ATTENTION_CHOICES = ("global", "causal", "none")
-# The named model of each attention (``lsgs ablate attention`` switches between them).
+# The named model of each attention type of ``ATTENTION_TYPES`` (``lsgs ablate attention`` switches between them).
 TRANSFORMER_CLASS_PATHS = {
     "global": "lsgs.modules.GlobalTransformer",
     "causal": "lsgs.modules.CausalTransformer",
@@ -40,13 +46,14 @@ class CodeTransformerModule(LightningModule):
     attention; a ``tamper_ratio`` of the positions of each code map is replaced by random codes and the model
     learns to predict the originals with the loss ``(1 - beta)·CE(tampered) + beta·CE(untampered)`` (paper Eq. 6).
     ``attention="causal"``: raster-order next-code prediction from a start token, plain cross-entropy.
-    ``attention="none"`` means no transformer at all: the pipeline skips this stage and the scoring falls back to
-    VQ-VAE reconstruction error.
+    An experiment without a transformer (the "w/o" row of Table 4) has no transformer model at all
+    (``transformer.model: null``): the pipeline skips this stage and the scoring falls back to the VQ-VAE
+    reconstruction error.
 
     Args:
         vqvae_checkpoint: the (fine-tuned) VQ-VAE whose codes the transformer models; frozen, not saved again.
-        attention: ``global`` or ``causal``; None = the class's own (``ATTENTION``). A named class accepts only its
-            own (the pipeline reads this argument to know whether the experiment has a transformer).
+        attention: one of ``ATTENTION_TYPES`` (``global``, ``causal``); None = the class's own (``ATTENTION``). A
+            named class accepts only its own.
         d_model, n_layers, n_heads, mlp_ratio, dropout: transformer size (paper: 768, 12, 12, 4, -).
         tamper_ratio: fraction of positions replaced by random codes (paper: 0.1); global only.
         beta: weight of the untampered positions in the loss (paper: 0.01); global only.
@@ -80,16 +87,13 @@ class CodeTransformerModule(LightningModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if vqvae_checkpoint is None:
-            raise ConfigError("model.vqvae_checkpoint is required (the pipeline fills it in)")
+        require_checkpoint(vqvae_checkpoint, "model.vqvae_checkpoint")
         if attention is None:
             attention = self.ATTENTION or "global"
-        if attention not in ATTENTION_CHOICES:
-            raise ConfigError(f"model.attention={attention!r} is not one of {ATTENTION_CHOICES}")
-        if attention == "none":
+        if attention not in ATTENTION_TYPES:
             raise ConfigError(
-                "model.attention='none' means no transformer: skip the transformer stage (the pipeline does this "
-                "by itself) and score with the VQ-VAE reconstruction error"
+                f"model.attention={attention!r} is not one of {ATTENTION_TYPES}; an experiment without a "
+                "transformer sets transformer.model to null"
             )
         if self.ATTENTION is not None and attention != self.ATTENTION:
             other = TRANSFORMER_CLASS_PATHS[attention]

@@ -1,6 +1,6 @@
 """``lsgs report``: the run summary ``summary.{md,csv}`` (one row per evaluated method) and ``report.html``.
 
-A run folder holds LSGS's scoring outputs, the other methods' (``baselines/<name>/``) and, after ``lsgs ablate``,
+A run folder holds LSGS's scoring outputs, the other methods' (``methods/<name>/``) and, after ``lsgs ablate``,
 the ablation variants'; the registry (:func:`lsgs.methods.registry.evaluated_methods`) lists them. All of them
 were produced by the same evaluation harness on the same test set, so they compare directly.
 """
@@ -29,7 +29,7 @@ def write_summary(run_dir: str | Path) -> str | None:
     if not methods:
         return None
     named = [(m.label, read_json(m.stage.results_json, "results")) for m in methods]
-    markdown, table = comparison_tables(named)
+    markdown, table = comparison_tables(named, kinds={m.label: m.kind for m in methods})
     markdown = f"{SUMMARY_TITLE}\n\n{markdown}"
     atomic_write_text(layout.summary_md, markdown)
     atomic_write_text(layout.summary_csv, table)

@@ -70,27 +70,48 @@ def comparison_tables(
     named_results: Sequence[tuple[str, dict[str, Any]]],
     row: str = "auto",
     extra: dict[str, dict] | None = None,
+    kinds: dict[str, str] | None = None,
 ) -> tuple[str, str]:
-    """One row per method (``mean`` over categories when there are several, else ``pooled``)."""
+    """One row per method (``mean`` over categories when there are several, else ``pooled``).
+
+    Args:
+        named_results: ``(row name, results)`` in row order.
+        row: which row of each results to show (``auto``, ``mean`` or ``pooled``).
+        extra: more columns per row name, appended after the metrics (sorted by column name).
+        kinds: a ``Kind`` column (``method``, ``baseline``, ``ablation``) after the row name.
+
+    An ``Image score`` column (how each row scored an image, from its results' ``image_score``) follows the metrics
+    when any results record one.
+    """
     keys = [key for key, _ in METRIC_COLUMNS]
     extra = extra or {}
     extra_keys = sorted({k for values in extra.values() for k in values})
+    with_score = any("image_score" in results for _, results in named_results)
+    lead = ["Kind"] if kinds is not None else []
     md_rows, csv_rows = [], []
     for name, results in named_results:
         which = row if row != "auto" else ("mean" if len(results.get("per_category", {})) > 1 else "pooled")
         values = results[which]
+        leading = [kinds.get(name, "")] if kinds is not None else []
+        score = [results.get("image_score", "")] if with_score else []
         md_rows.append(
             [
                 name,
+                *leading,
                 *(format_value(values.get(k)) for k in keys),
+                *[s or "-" for s in score],
                 *(_plain(extra.get(name, {}).get(k)) for k in extra_keys),
             ]
         )
         csv_rows.append(
-            [name, *(values.get(k, "") for k in keys), *(extra.get(name, {}).get(k, "") for k in extra_keys)]
-        )
-    markdown = markdown_table(["Method", *(t for _, t in METRIC_COLUMNS), *extra_keys], md_rows)
-    return markdown, csv_text(["method", *keys, *extra_keys], csv_rows)
+            [name, *leading, *(values.get(k, "") for k in keys), *score,
+             *(extra.get(name, {}).get(k, "") for k in extra_keys)]
+        )  # fmt: skip
+    score_title = ["Image score"] if with_score else []
+    header = ["Method", *lead, *(t for _, t in METRIC_COLUMNS), *score_title, *extra_keys]
+    markdown = markdown_table(header, md_rows)
+    csv_header = ["method", *(c.lower() for c in lead), *keys, *(["image_score"] if with_score else []), *extra_keys]
+    return markdown, csv_text(csv_header, csv_rows)
 
 
 def _plain(value: Any) -> str:

@@ -2,10 +2,11 @@
 
 An experiment config (``experiments/*.yaml``) holds a shared ``data`` section, a shared ``trainer`` section, and
 one section per stage with that stage's ``model`` (``class_path``/``init_args``) and ``trainer`` keys: the LSGS
-stages (``vqvae`` ... ``scoring``) and one ``baselines.<name>`` section per other evaluated method. The method
-names are read off the config files and the command line before the parser is built
-(:func:`lsgs.methods.registry.discover_method_names`), so any method, built-in or not, takes overrides such as
-``--baselines.ae.trainer.max_epochs=1``.
+stages (``vqvae`` ... ``scoring``) and, under ``methods``, one ``<name>`` section per other evaluated method. The
+``methods`` section may be a file name instead (``methods: methods/images.yaml``, relative to the experiment file):
+jsonargparse composes that file in, so the default method set is written once. The method names are read off the
+config files and the command line before the parser is built (:func:`lsgs.methods.registry.discover_method_names`),
+so any method, built-in or not, takes overrides such as ``--methods.ae.trainer.max_epochs=1``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, Namespace
+from jsonargparse import ActionConfigFile, ActionParser, ArgumentError, ArgumentParser, Namespace
 from lightning.pytorch import LightningDataModule, LightningModule
 
 from lsgs.errors import ConfigError
@@ -29,7 +30,7 @@ def build_parser(method_names: Sequence[str] | None = None) -> ArgumentParser:
     """The ``lsgs pipeline`` argument parser (also reads experiment YAML files via ``--config``).
 
     Args:
-        method_names: the ``baselines.<name>`` sections to declare (default: the built-in methods).
+        method_names: the ``methods.<name>`` sections to declare (default: the built-in methods).
     """
     method_names = builtin_method_names() if method_names is None else method_names
     parser = ArgumentParser(
@@ -67,10 +68,10 @@ def build_parser(method_names: Sequence[str] | None = None) -> ArgumentParser:
         "needed",
     )
     parser.add_argument(
-        "--run_baselines",
+        "--run_methods",
         type=bool,
         default=True,
-        help="also evaluate the configured baselines (baselines.*) with the same data and metrics",
+        help=f"also evaluate the configured methods ({METHOD_STAGE_PREFIX}.*) with the same data and metrics",
     )
     parser.add_argument(
         "--trainer",
@@ -79,13 +80,26 @@ def build_parser(method_names: Sequence[str] | None = None) -> ArgumentParser:
         help="Trainer arguments for EVERY stage; they take precedence over each stage's own trainer keys",
     )
     parser.add_subclass_arguments(LightningDataModule, "data", help="the data module shared by all stages")
-    for stage in (*STAGE_NAMES, *(f"{METHOD_STAGE_PREFIX}.{name}" for name in method_names)):
-        parser.add_subclass_arguments(LightningModule, f"{stage}.model", required=False)
-        parser.add_argument(f"--{stage}.trainer", type=dict[str, Any], default={})
+    for stage in STAGE_NAMES:
+        _add_stage_arguments(parser, stage)
+    methods = ArgumentParser(prog=f"lsgs pipeline --{METHOD_STAGE_PREFIX}", default_env=False, exit_on_error=False)
+    for name in method_names:
+        _add_stage_arguments(methods, name)
+    parser.add_argument(
+        f"--{METHOD_STAGE_PREFIX}",
+        action=ActionParser(parser=methods),
+        help="the other evaluated methods, one section each (or a method-set file of such sections)",
+    )
     parser.add_argument(
         "--fault_injection", type=str | None, default=None, help="testing only: STAGE:EPOCH:BATCH[:KILL|TERM]"
     )
     return parser
+
+
+def _add_stage_arguments(parser: ArgumentParser, stage: str) -> None:
+    """A stage's ``<stage>.model`` (any LightningModule, ``class_path``/``init_args``) and ``<stage>.trainer``."""
+    parser.add_subclass_arguments(LightningModule, f"{stage}.model", required=False)
+    parser.add_argument(f"--{stage}.trainer", type=dict[str, Any], default={})
 
 
 def parse_experiment(argv: Sequence[str]) -> tuple[ArgumentParser, Namespace]:
@@ -99,6 +113,6 @@ def parse_experiment(argv: Sequence[str]) -> tuple[ArgumentParser, Namespace]:
 
 
 def method_names(config: Namespace) -> list[str]:
-    """The ``baselines.<name>`` sections a parsed experiment declares, in declaration order."""
+    """The ``methods.<name>`` sections a parsed experiment declares, in declaration order."""
     section = config.get(METHOD_STAGE_PREFIX)
     return list(vars(section)) if isinstance(section, Namespace) else []

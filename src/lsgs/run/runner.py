@@ -23,6 +23,7 @@ from lsgs.machine import cpu_name
 from lsgs.run.experiment import ALL_METHODS, STAGE_NAMES
 from lsgs.run.loggers import finish_loggers, stage_loggers
 from lsgs.run.plan import Experiment, StagePlan
+from lsgs.run_record import layout_mismatch, read_run_record
 from lsgs.stage_cli import instantiate_stage
 
 
@@ -74,16 +75,11 @@ def open_run_folder(layout: RunLayout) -> dict[str, Any]:
     old record).
     """
     layout.root.mkdir(parents=True, exist_ok=True)
-    stage_dirs = layout.stage_dirs()
-    info = read_json_or_none(layout.run_record)
-    version = info.get("layout_version") if isinstance(info, dict) else None
-    if info is not None and version != LAYOUT_VERSION and stage_dirs:
-        found = f"layout version {version}" if version is not None else "no layout version"
-        raise ConfigError(
-            f"run folder '{layout.root}' was made by another lsgs version ({found} in {layout.run_record.name}, "
-            f"this lsgs writes {LAYOUT_VERSION}) and its stages cannot be resumed: start a new run "
-            f"(another --run_dir or --name)"
-        )
+    problem = layout_mismatch(layout)
+    if problem:
+        raise ConfigError(problem)
+    info = read_run_record(layout)
+    version = info.get("layout_version") if info is not None else None
     if version != LAYOUT_VERSION:
         info = {
             "run_id": uuid.uuid4().hex[:8],
