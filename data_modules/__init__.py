@@ -1,9 +1,5 @@
 """LightningDataModules for MVTec AD and BraTS slices, plus the embedded demo-data generator."""
 
-import os
-
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-
 import importlib
 from typing import Any
 
@@ -13,7 +9,7 @@ _EXPORTS = {
     "BraTSDataModule": "data_modules.brats",
     "EvalDistributedSampler": "data_modules.samplers",
     "FolderDataModule": "data_modules.folder",
-    "ImageFolderDataModule": "data_modules.folder",
+    "ImageFolderDataModule": "data_modules.image_folder",
     "MVTEC_CATEGORIES": "data_modules.mvtec",
     "MVTecDataModule": "data_modules.mvtec",
     "MVTec3DDataModule": "data_modules.mvtec3d",

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from data_modules.cache import default_cache_dir, open_arrays
+from data_modules.cache import IMAGES, MASKS, ROI, array_path, default_cache_dir, open_arrays
 from data_modules.samplers import EvalDistributedSampler
 from data_modules.transforms import apply_transform, build_transforms
 from lsgs.contracts import predict_split_of
@@ -59,8 +59,8 @@ def decode_workers() -> int:
 class CachedDataset(Dataset):
     """One split of a cached data set: rows of memory-mapped arrays turned into batch-contract dicts.
 
-    Each cache entry directory holds `images.npy` ([N, H, W, 3] or [N, H, W] uint8, or [N, H, W] float16/32),
-    `masks.npy` ([N, H, W] uint8) and optionally `roi.npy` ([N, H, W] uint8; all ones when absent). The maps
+    Each cache entry holds the arrays (`data_modules.cache`) IMAGES ([N, H, W, 3] or [N, H, W] uint8, or
+    [N, H, W] float16/32), MASKS ([N, H, W] uint8) and optionally ROI ([N, H, W] uint8; all ones when absent). The maps
     are opened lazily in each process and never pickled, so DataLoader workers started with spawn or
     forkserver do not copy the arrays.
 
@@ -88,16 +88,16 @@ class CachedDataset(Dataset):
         arrays = self._arrays.get(entry)
         if arrays is None:
             path = self.entries[entry]
-            names = ["images", "masks"] + (["roi"] if (path / "roi.npy").exists() else [])
+            names = [IMAGES, MASKS] + ([ROI] if array_path(path, ROI).exists() else [])
             arrays = self._arrays[entry] = open_arrays(path, names)
         return arrays
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = self.items[index]
         arrays = self._entry_arrays(item.entry)
-        image = np.array(arrays["images"][item.row])  # copy out of the read-only map
-        mask = np.array(arrays["masks"][item.row])
-        roi = np.array(arrays["roi"][item.row]) if "roi" in arrays else None
+        image = np.array(arrays[IMAGES][item.row])  # copy out of the read-only map
+        mask = np.array(arrays[MASKS][item.row])
+        roi = np.array(arrays[ROI][item.row]) if ROI in arrays else None
         if self.transform is not None:
             if roi is None:
                 roi = np.ones_like(mask)

@@ -30,9 +30,18 @@ import torch.nn.functional as F
 
 from data_modules import image_io
 from data_modules.base import AnomalyDataModule, Item, check_fraction, decode_workers, n_holdout
-from data_modules.cache import INDEX_FILE, NpyStreamWriter, build_entry, cache_key, read_index
+from data_modules.cache import (
+    IMAGES,
+    MASKS,
+    ROI,
+    NpyStreamWriter,
+    array_path,
+    build_entry,
+    cache_key,
+    read_index,
+    write_index,
+)
 from lsgs.errors import ConfigError, DataError, DataNotFoundError
-from lsgs.io import atomic_write_json
 
 CATEGORY = "brats"
 NORMALIZATIONS = ("percentile", "zscore")
@@ -243,8 +252,8 @@ def build_brats_cache(
 ) -> Path:
     """Return the cache entry for `cases`, building it if needed.
 
-    The entry holds images.npy [N, size, size] float16, masks.npy and roi.npy [N, size, size] uint8, and
-    index.json: {"cases": [{case_id, group, flair, seg}], "rows": {column: [N values]}} with row columns
+    The entry holds the arrays IMAGES [N, size, size] float16, MASKS and ROI [N, size, size] uint8, and an
+    index {"cases": [{case_id, group, flair, seg}], "rows": {column: [N values]}} with row columns
     case (index into cases), slice_index, label (tumour in the resized mask), healthy, brain_fraction.
     """
     files = [f for c in cases for f in (c.flair, c.seg)]
@@ -252,9 +261,8 @@ def build_brats_cache(
 
     def build(tmp: Path) -> None:
         writers = {
-            "images": NpyStreamWriter(tmp / "images.npy", (size, size), np.float16),
-            "masks": NpyStreamWriter(tmp / "masks.npy", (size, size), np.uint8),
-            "roi": NpyStreamWriter(tmp / "roi.npy", (size, size), np.uint8),
+            name: NpyStreamWriter(array_path(tmp, name), (size, size), dtype)
+            for name, dtype in ((IMAGES, np.float16), (MASKS, np.uint8), (ROI, np.uint8))
         }
         rows: dict[str, list] = {
             "case": [],
@@ -267,8 +275,9 @@ def build_brats_cache(
             lambda c: preprocess_case(c, size, normalization), cases, decode_workers()
         )
         for case_id, case_slices in enumerate(slices):
-            for name, writer in writers.items():
-                writer.append(getattr(case_slices, name))
+            writers[IMAGES].append(case_slices.images)
+            writers[MASKS].append(case_slices.masks)
+            writers[ROI].append(case_slices.roi)
             n = len(case_slices.slice_index)
             rows["case"] += [case_id] * n
             rows["slice_index"] += case_slices.slice_index.tolist()
@@ -280,10 +289,7 @@ def build_brats_cache(
         meta = [
             {"case_id": c.case_id, "group": c.group, "flair": str(c.flair), "seg": str(c.seg)} for c in cases
         ]
-        atomic_write_json(
-            tmp / INDEX_FILE,
-            {"image_size": size, "normalization": normalization, "cases": meta, "rows": rows},
-        )
+        write_index(tmp, {"image_size": size, "normalization": normalization, "cases": meta, "rows": rows})
 
     return build_entry(cache_root, key, build)
 

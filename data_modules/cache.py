@@ -1,7 +1,8 @@
 """Atomic, hash-keyed, memory-mapped array cache: decode a data set once, read it as `.npy` memory maps after.
 
-Layout of one entry, `<cache_root>/<key>/`:
-    <name>.npy      one array per name (images, masks, roi...), opened with `np.load(mmap_mode="r")`
+Layout of one entry, `<cache_root>/<key>/` (this module names every file of it; the data modules use these
+names and `array_path`, `write_index`, `read_index`, `open_arrays`, never a spelled-out file name):
+    <name>.npy      one array per name (IMAGES, MASKS, optionally ROI), opened with `np.load(mmap_mode="r")`
     index.json      per-row metadata (paths, labels, categories, slice indices, case ids) and build info
     COMPLETE        completion marker, written last; an entry without it is never trusted
 
@@ -39,6 +40,12 @@ OWNER_FILE = ".owner.json"  # {host, pid} of the process building a temporary di
 # A temporary directory this old is treated as abandoned even if its owner lives on another host.
 STALE_TMP_SECONDS = 6 * 3600.0
 _NPY_HEADER_BYTES = 128  # fixed .npy v1.0 header size, a multiple of 64 as the format requires
+
+# Array names of an entry, one `<name>.npy` file each: the batch contract's image, mask and region of interest.
+IMAGES = "images"
+MASKS = "masks"
+ROI = "roi"  # optional: an entry without it has an all-ones region of interest
+ARRAY_SUFFIX = ".npy"
 
 
 def default_cache_dir() -> Path:
@@ -132,6 +139,39 @@ class NpyStreamWriter:
         return self.rows
 
 
+def array_path(entry: str | Path, name: str) -> Path:
+    """The file of array `name` (IMAGES, MASKS, ROI) in a cache entry, or in the directory building one."""
+    return Path(entry) / f"{name}{ARRAY_SUFFIX}"
+
+
+def write_image_arrays(
+    entry: Path, rows: Iterable[tuple[np.ndarray, np.ndarray]], image_shape: Sequence[int], size: int
+) -> int:
+    """Stream decoded (image, mask) rows into the IMAGES and MASKS arrays of an entry being built.
+
+    Args:
+        entry: the directory `build_entry` hands to its `build` function.
+        rows: (image `image_shape` uint8, mask [size, size] uint8) pairs, in row order.
+        image_shape: one image's shape, [size, size, 3] or [size, size].
+        size: side of the masks.
+
+    Returns:
+        The number of rows written.
+    """
+    images = NpyStreamWriter(array_path(entry, IMAGES), image_shape, np.uint8)
+    masks = NpyStreamWriter(array_path(entry, MASKS), (size, size), np.uint8)
+    for image, mask in rows:
+        images.append(image[None])
+        masks.append(mask[None])
+    images.close()
+    return masks.close()
+
+
+def write_index(entry: Path, index: dict[str, Any]) -> None:
+    """Write the JSON index of an entry being built (atomically, fsynced)."""
+    atomic_write_json(entry / INDEX_FILE, index)
+
+
 def read_index(entry: str | Path) -> dict[str, Any]:
     """The JSON index of a cache entry."""
     with open(Path(entry) / INDEX_FILE) as f:
@@ -140,7 +180,7 @@ def read_index(entry: str | Path) -> dict[str, Any]:
 
 def open_arrays(entry: str | Path, names: Sequence[str]) -> dict[str, np.ndarray]:
     """Open the named arrays of an entry as read-only memory maps."""
-    return {name: np.load(Path(entry) / f"{name}.npy", mmap_mode="r") for name in names}
+    return {name: np.load(array_path(entry, name), mmap_mode="r") for name in names}
 
 
 def is_complete(entry: str | Path) -> bool:

@@ -1,9 +1,8 @@
-"""Data sets in plain folders: `FolderDataModule` (labelled, your own layout: train, validate, test) and
-`ImageFolderDataModule` (unlabelled images, scored with `predict`).
+"""`FolderDataModule`: a labelled data set in your own folder layout (normal images to train on, anomalous ones
+with masks to test), and the scanning of that layout.
 
-`ImageFolderDataModule` items follow the batch contract with `label = -1` (unknown), an all-zero `mask` and an
-all-ones `roi`; `category` is the folder's name. Only `predict_dataloader` is available: there are no labels to
-train, validate or test with.
+Masks are paired, checked and binarised by `data_modules.masks`; unlabelled folders are
+`data_modules.image_folder.ImageFolderDataModule`'s.
 """
 
 from __future__ import annotations
@@ -17,123 +16,14 @@ from typing import Any
 
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from PIL import Image
 from torch.utils.data import DataLoader
 
 from data_modules import image_io
 from data_modules.base import AnomalyDataModule, Item, check_fraction, decode_workers, n_holdout
-from data_modules.cache import INDEX_FILE, NpyStreamWriter, build_entry, cache_key, read_index
+from data_modules.cache import build_entry, cache_key, read_index, write_image_arrays, write_index
+from data_modules.masks import decode_mask, index_by_stem, mask_foreground
 from lsgs.contracts import predict_split_of
 from lsgs.errors import ConfigError, DataError, DataNotFoundError
-from lsgs.io import atomic_write_json
-
-UNKNOWN_LABEL = -1
-
-
-def decode_image(path: Path, size: int, channels: int) -> np.ndarray:
-    """[size, size, 3] (channels=3) or [size, size] (channels=1) uint8."""
-    return image_io.read_image(path, size, channels=channels)[0]
-
-
-class ImageFolderDataModule(AnomalyDataModule):
-    """Images found in `root` (optionally recursively), for `trainer.predict`.
-
-    Args:
-        root: folder of images (hidden files and non-images are ignored).
-        channels: 3 = RGB (for MVTec-trained models; grayscale replicated), 1 = grayscale (BraTS-trained).
-        recursive: also take images in sub-folders.
-        image_size: see `AnomalyDataModule`; the other arguments are documented there too.
-    """
-
-    def __init__(
-        self,
-        root: str,
-        channels: int = 3,
-        recursive: bool = False,
-        image_size: int = 128,
-        batch_size: int = 16,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        val_fraction: float = 0.0,
-        seed: int = 0,
-        train_transforms: list[dict] | None = None,
-        cache_dir: str | None = None,
-    ) -> None:
-        super().__init__(
-            root=root,
-            image_size=image_size,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            val_fraction=val_fraction,
-            seed=seed,
-            train_transforms=train_transforms,
-            cache_dir=cache_dir,
-        )
-        if channels not in (1, 3):
-            raise ConfigError(f"channels must be 1 or 3, got {channels!r}")
-        self.channels = channels
-        self.recursive = bool(recursive)
-
-    @property
-    def num_channels(self) -> int:
-        return self.channels
-
-    @property
-    def test_categories(self) -> list[str]:
-        return [self.root.resolve().name]
-
-    def _build_cache(self) -> list[Path]:
-        if not self.root.is_dir():
-            raise DataNotFoundError(f"image folder {self.root} does not exist or is not a directory")
-        paths = image_io.list_images(self.root, recursive=self.recursive)
-        if not paths:
-            raise DataError(f"image folder {self.root}: no image files (.png/.jpg/.jpeg/.bmp/.tif)")
-        size, channels = self.image_size, self.channels
-        key = cache_key("folder", self.root, {"image_size": size, "channels": channels}, paths)
-
-        def build(tmp: Path) -> None:
-            shape = (size, size, 3) if channels == 3 else (size, size)
-            images = NpyStreamWriter(tmp / "images.npy", shape, np.uint8)
-            for image in image_io.parallel_map(
-                lambda p: decode_image(p, size, channels), paths, decode_workers()
-            ):
-                images.append(image[None])
-            images.close()
-            masks = NpyStreamWriter(tmp / "masks.npy", (size, size), np.uint8)
-            masks.append(np.zeros((len(paths), size, size), dtype=np.uint8))
-            masks.close()
-            atomic_write_json(tmp / INDEX_FILE, {"image_size": size, "items": [str(p) for p in paths]})
-
-        return [build_entry(self.cache_root, key, build)]
-
-    def _make_splits(self, entries: list[Path]) -> Mapping[str, list[Item]]:
-        category = self.test_categories[0]
-        paths = read_index(entries[0])["items"]
-        items = [Item(0, row, UNKNOWN_LABEL, category, path) for row, path in enumerate(paths)]
-        return {"train": [], "val": [], "test": items}
-
-    def _unavailable(self, what: str) -> DataLoader:
-        raise ConfigError(
-            f"ImageFolderDataModule({self.root}) has unlabelled images only: no {what} loader; use predict"
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._unavailable("train")
-
-    def train_eval_dataloader(self) -> DataLoader:
-        return self._unavailable("train_eval")
-
-    def val_dataloader(self) -> DataLoader:
-        return self._unavailable("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._unavailable("test")
-
-
-# ------------------------------------------------------------------------------------- labelled folders
-#
-# `FolderDataModule`: a user's own images in any folder layout, for training and evaluation.
 
 NORMAL, NORMAL_TEST, ANOMALOUS = "normal", "normal_test", "anomalous"
 
@@ -215,80 +105,6 @@ def select_glob(
     return chosen
 
 
-def mask_index(masks: Sequence[Path], directory: Path) -> dict[str, Path]:
-    """Masks keyed by stem; DataError when two masks share a stem (`x.png` and `x.bmp`: which one?)."""
-    index: dict[str, Path] = {}
-    for path in masks:
-        if path.stem in index:
-            raise DataError(
-                f"{directory}: two masks share the stem {path.stem!r}: {index[path.stem].name}, {path.name}"
-            )
-        index[path.stem] = path
-    return index
-
-
-def mask_values(img: Image.Image) -> np.ndarray:
-    """A decoded mask as one value per pixel: [H, W] (colour masks packed as 0xRRGGBB, alpha dropped)."""
-    if img.mode not in ("1", "L", "I", "I;16", "I;16B", "I;16L", "F"):
-        img = img.convert("RGB")  # palette, RGBA, LA, CMYK...: compare colours
-    arr = np.asarray(img)
-    if arr.ndim == 3:
-        arr = arr.astype(np.uint32)
-        arr = (arr[..., 0] << 16) | (arr[..., 1] << 8) | arr[..., 2]
-    return arr
-
-
-def mask_foreground(path: Path, expected_size: tuple[int, int], threshold: int | None) -> np.ndarray:
-    """Decode a mask at its own resolution, check it and binarise it.
-
-    Binary (threshold None): the mask holds 0 and at most ONE other value (0/255, 0/1, 0 and one class id or
-    colour, 16-bit 0/65535...); foreground = value > 0. A mask with several non-zero values is rejected: it is
-    soft (anti-aliased, resized with interpolation, saved as JPEG) or a multi-class label map, and `> 0` would
-    silently grow every defect by its fuzzy border and compression noise. Soft masks are accepted with an
-    explicit `threshold`: foreground = 8-bit grey value > threshold.
-
-    Args:
-        path: mask file.
-        expected_size: (width, height) of the mask's image, at its original resolution.
-        threshold: None (binary masks only) or an int in [0, 254].
-
-    Returns:
-        [H, W] bool at the mask's resolution.
-
-    Raises:
-        DataError: undecodable file, size different from the image's, or a non-binary mask without threshold.
-    """
-    img = image_io._open(path)
-    if img.size != tuple(expected_size):
-        raise DataError(
-            f"{path}: mask size {img.size[0]}x{img.size[1]} differs from its image's "
-            f"{expected_size[0]}x{expected_size[1]} (width x height)"
-        )
-    if threshold is not None:
-        return np.asarray(image_io._to_8bit(img).convert("L")) > threshold
-    values = mask_values(img)
-    found = np.unique(values)
-    others = found[found != 0]
-    if len(others) > 1 or (len(others) == 1 and others[0] < 0):
-        shown = ", ".join(str(v) for v in others[:4].tolist())
-        raise DataError(
-            f"{path}: mask is not binary: {len(others)} non-zero values ({shown}{', ...' if len(others) > 4 else ''})"
-            f", expected 0 and one foreground value; for soft/anti-aliased/JPEG masks set mask_threshold "
-            f"(foreground = grey value > mask_threshold, e.g. 127)"
-        )
-    return values > 0
-
-
-def decode_folder_mask(
-    path: Path, size: int, expected_size: tuple[int, int], threshold: int | None
-) -> np.ndarray:
-    """`mask_foreground`, resized with nearest neighbour. Returns [size, size] uint8 in {0, 1}."""
-    binary = Image.fromarray(mask_foreground(path, expected_size, threshold).astype(np.uint8))
-    if binary.size != (size, size):
-        binary = binary.resize((size, size), Image.Resampling.NEAREST)
-    return np.asarray(binary, dtype=np.uint8)
-
-
 def decode_folder_sample(
     sample: FolderSample, size: int, channels: int, threshold: int | None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -296,17 +112,13 @@ def decode_folder_sample(
     image, original = image_io.read_image(sample.path, size, channels=channels)
     if sample.mask_path is None:
         return image, np.zeros((size, size), dtype=np.uint8)
-    return image, decode_folder_mask(sample.mask_path, size, original, threshold)
+    return image, decode_mask(sample.mask_path, size, original, threshold)
 
 
 def check_folder_sample(sample: FolderSample, threshold: int | None) -> bool:
     """Cheap pre-decoding check of one sample: the image header reads, and its mask (decoded: masks are
     small) has the image's size and is binary. Returns whether the mask is empty (anomalous images only)."""
-    try:
-        with Image.open(sample.path) as img:
-            size = img.size
-    except image_io._READ_ERRORS as exc:
-        raise DataError(f"{sample.path}: cannot decode image ({type(exc).__name__}: {exc})") from exc
+    size = image_io.read_size(sample.path)
     if sample.mask_path is None:
         return False
     return not bool(mask_foreground(sample.mask_path, size, threshold).any())
@@ -497,7 +309,7 @@ class FolderDataModule(AnomalyDataModule):
             where = "beside it"
             if self._masks_beside:
                 is_mask = [self._is_mask(p) for p in files]
-                masks = self._masks_in_files([p for p, m in zip(files, is_mask) if m], directory, key)
+                masks = index_by_stem([p for p, m in zip(files, is_mask) if m], directory, "masks")
                 candidates = [p for p, m in zip(files, is_mask) if not m]
                 if not candidates:
                     raise DataError(
@@ -543,13 +355,7 @@ class FolderDataModule(AnomalyDataModule):
 
     def _masks_in(self, directory: Path, key: str) -> dict[str, Path]:
         files = list_folder_images(directory, key)
-        return self._masks_in_files(
-            select_glob(files, self.mask_glob, directory, key, "mask_glob"), directory, key
-        )
-
-    @staticmethod
-    def _masks_in_files(files: Sequence[Path], directory: Path, key: str) -> dict[str, Path]:
-        return mask_index(files, directory)
+        return index_by_stem(select_glob(files, self.mask_glob, directory, key, "mask_glob"), directory, "masks")
 
     # ------------------------------------------------------------------------------------------ caching
     def _build_cache(self) -> list[Path]:
@@ -574,15 +380,10 @@ class FolderDataModule(AnomalyDataModule):
                     f"FolderDataModule({self.root}): {empty} anomalous image(s) have an all-zero mask"
                 )
             shape = (size, size, 3) if channels == 3 else (size, size)
-            images = NpyStreamWriter(tmp / "images.npy", shape, np.uint8)
-            masks = NpyStreamWriter(tmp / "masks.npy", (size, size), np.uint8)
-            for image, mask in image_io.parallel_map(
+            rows = image_io.parallel_map(
                 lambda s: decode_folder_sample(s, size, channels, threshold), samples, workers
-            ):
-                images.append(image[None])
-                masks.append(mask[None])
-            images.close()
-            masks.close()
+            )
+            write_image_arrays(tmp, rows, shape, size)
             records = [
                 {
                     "path": str(s.path),
@@ -593,7 +394,7 @@ class FolderDataModule(AnomalyDataModule):
                 }
                 for s in samples
             ]
-            atomic_write_json(tmp / INDEX_FILE, {"image_size": size, "channels": channels, "items": records})
+            write_index(tmp, {"image_size": size, "channels": channels, "items": records})
 
         return [build_entry(self.cache_root, key, build)]
 

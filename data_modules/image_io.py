@@ -1,4 +1,7 @@
-"""Reading 2-D images and masks from disk (PIL), shared by the MVTec and image-folder data modules."""
+"""Reading 2-D images from disk (PIL): listing, decoding, 8-bit conversion, resizing; shared by the data modules.
+
+Masks are decoded with these functions too, and checked and binarised in `data_modules.masks`.
+"""
 
 from __future__ import annotations
 
@@ -42,17 +45,40 @@ def list_images(directory: Path, recursive: bool = False) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(directory).as_posix())
 
 
-def _open(path: Path) -> Image.Image:
+def _decode_error(path: Path, exc: Exception) -> DataError:
+    return DataError(f"{path}: cannot decode image ({type(exc).__name__}: {exc})")
+
+
+def open_image(path: Path) -> Image.Image:
+    """Decode an image file as PIL gives it (any mode, original size).
+
+    Raises:
+        DataError: the file cannot be decoded.
+    """
     try:
         img = Image.open(path)
         img.load()
     except _READ_ERRORS as exc:
-        raise DataError(f"{path}: cannot decode image ({type(exc).__name__}: {exc})") from exc
+        raise _decode_error(path, exc) from exc
     return img
 
 
-def _to_8bit(img: Image.Image) -> Image.Image:
-    # 16-bit and float images: PIL's convert("L") clips instead of rescaling, so rescale by the dtype range.
+def read_size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image from its header alone, without decoding the pixels.
+
+    Raises:
+        DataError: the header cannot be read.
+    """
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except _READ_ERRORS as exc:
+        raise _decode_error(path, exc) from exc
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit and float images rescaled to 8-bit grey ("L") by their dtype range; other modes unchanged."""
+    # PIL's convert("L") clips 16-bit and float values instead of rescaling them.
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
         top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
@@ -78,38 +104,12 @@ def read_image(path: Path, size: int, channels: int = 3) -> tuple[np.ndarray, tu
     Raises:
         DataError: the file cannot be decoded.
     """
-    img = _to_8bit(_open(path))
+    img = to_8bit(open_image(path))
     original = img.size
     img = img.convert("RGB" if channels == 3 else "L")
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(img, dtype=np.uint8), original
-
-
-def read_mask(path: Path, size: int, expected_size: tuple[int, int]) -> np.ndarray:
-    """Decode a ground-truth mask, binarise it with `> 0` and resize it with nearest neighbour.
-
-    Args:
-        path: mask file.
-        size: output height and width.
-        expected_size: (width, height) of the image the mask belongs to.
-
-    Returns:
-        [size, size] uint8 in {0, 1}.
-
-    Raises:
-        DataError: the file cannot be decoded or its size differs from the image's.
-    """
-    img = _to_8bit(_open(path))
-    if img.size != tuple(expected_size):
-        raise DataError(
-            f"{path}: mask size {img.size[0]}x{img.size[1]} differs from its image's "
-            f"{expected_size[0]}x{expected_size[1]} (width x height)"
-        )
-    binary = Image.fromarray((np.asarray(img.convert("L")) > 0).astype(np.uint8))
-    if binary.size != (size, size):
-        binary = binary.resize((size, size), Image.Resampling.NEAREST)
-    return np.asarray(binary, dtype=np.uint8)
 
 
 def parallel_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:

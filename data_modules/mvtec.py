@@ -16,9 +16,9 @@ import numpy as np
 
 from data_modules import image_io
 from data_modules.base import AnomalyDataModule, Item, decode_workers, n_holdout
-from data_modules.cache import INDEX_FILE, NpyStreamWriter, build_entry, cache_key, read_index
+from data_modules.cache import build_entry, cache_key, read_index, write_image_arrays, write_index
+from data_modules.masks import index_by_stem, read_mask
 from lsgs.errors import ConfigError, DataError, DataNotFoundError
-from lsgs.io import atomic_write_json
 
 MVTEC_CATEGORIES: tuple[str, ...] = (
     "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
@@ -88,14 +88,7 @@ def _mask_index(directory: Path) -> dict[str, Path]:
     """Masks of one defect directory keyed by their exact stem (`000_mask`)."""
     if not directory.is_dir():
         return {}
-    index: dict[str, Path] = {}
-    for path in image_io.list_images(directory):
-        if path.stem in index:
-            raise DataError(
-                f"{directory}: two masks share the stem {path.stem!r}: {index[path.stem].name}, {path.name}"
-            )
-        index[path.stem] = path
-    return index
+    return index_by_stem(image_io.list_images(directory), directory, "masks")
 
 
 def scan_category(root: Path, category: str) -> list[MVTecSample]:
@@ -140,7 +133,7 @@ def decode_sample(sample: MVTecSample, size: int) -> tuple[np.ndarray, np.ndarra
     image, original = image_io.read_image(sample.path, size, channels=3)
     if sample.mask_path is None:
         return image, np.zeros((size, size), dtype=np.uint8)
-    return image, image_io.read_mask(sample.mask_path, size, original)
+    return image, read_mask(sample.mask_path, size, original)
 
 
 def build_category_cache(
@@ -154,7 +147,7 @@ def build_category_cache(
 ) -> Path:
     """Validate one category and return its (possibly freshly built) cache entry.
 
-    The entry holds images.npy [N, size, size, 3] uint8, masks.npy [N, size, size] uint8 and index.json
+    The entry holds the arrays IMAGES [N, size, size, 3] uint8 and MASKS [N, size, size] uint8 and an index
     with one record per row (path, split, defect, label), train/good rows first.
 
     `samples` (default: `scan_category`), `kind` (cache-key namespace) and `decode` (default: `decode_sample`)
@@ -168,17 +161,12 @@ def build_category_cache(
     key = cache_key(kind, root, config, files)
 
     def build(tmp: Path) -> None:
-        images = NpyStreamWriter(tmp / "images.npy", (size, size, 3), np.uint8)
-        masks = NpyStreamWriter(tmp / "masks.npy", (size, size), np.uint8)
-        for image, mask in image_io.parallel_map(lambda s: decode_fn(s, size), samples, decode_workers()):
-            images.append(image[None])
-            masks.append(mask[None])
-        images.close()
-        masks.close()
+        rows = image_io.parallel_map(lambda s: decode_fn(s, size), samples, decode_workers())
+        write_image_arrays(tmp, rows, (size, size, 3), size)
         records = [
             {"path": str(s.path), "split": s.split, "defect": s.defect, "label": s.label} for s in samples
         ]
-        atomic_write_json(tmp / INDEX_FILE, {"category": category, "image_size": size, "items": records})
+        write_index(tmp, {"category": category, "image_size": size, "items": records})
 
     return build_entry(cache_root, key, build)
 

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from data_modules import image_io
+from data_modules.masks import index_by_stem
 from data_modules.mvtec import (
     GOOD,
     MVTecDataModule,
@@ -36,14 +37,7 @@ RGB, GT = "rgb", "gt"
 
 def _images_by_stem(directory: Path) -> dict[str, Path]:
     """Images of one `rgb` or `gt` directory keyed by their exact stem; two files with one stem are an error."""
-    index: dict[str, Path] = {}
-    for path in image_io.list_images(directory):
-        if path.stem in index:
-            raise DataError(
-                f"{directory}: two images share the stem {path.stem!r}: {index[path.stem].name}, {path.name}"
-            )
-        index[path.stem] = path
-    return index
+    return index_by_stem(image_io.list_images(directory), directory, "images")
 
 
 def _normals(base: Path, split: str, folder: str) -> list[MVTecSample]:

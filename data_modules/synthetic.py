@@ -66,7 +66,7 @@ Render = tuple[np.ndarray, np.ndarray, np.ndarray]  # (image [S, S, C] float, bo
 
 
 # --------------------------------------------------------------------------------------------- shared helpers
-def _rng(seed: int, *keys: int | str) -> np.random.Generator:
+def keyed_rng(seed: int, *keys: int | str) -> np.random.Generator:
     """A generator keyed by (seed, keys): an image depends on its own keys only, not on how many are made."""
     parts = [int(seed)] + [k if isinstance(k, int) else zlib.crc32(k.encode()) for k in keys]
     return np.random.default_rng(parts)
@@ -147,7 +147,8 @@ def _workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def _to_u8(image: np.ndarray) -> np.ndarray:
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """A rendered float image (grey levels 0..255) rounded and clipped to uint8, as written to disk."""
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
@@ -272,7 +273,7 @@ def paint_defect(
     """
     size = image.shape[0]
     s = size / 256
-    before = _to_u8(image)
+    before = to_uint8(image)
     for _ in range(50):  # resample the placement until the defect covers enough of the object
         ys, xs = np.nonzero(body)
         pick = rng.integers(len(ys))
@@ -294,7 +295,7 @@ def paint_defect(
             out[region] = (np.array(_DEBRIS[category]) * fibres)[region]
         else:
             raise ConfigError(f"unknown demo defect {defect!r}; expected one of {DEFECTS}")
-        after = _to_u8(out)
+        after = to_uint8(out)
         if defect != "hole":
             # Every painted pixel must differ from the original, so the mask is exactly the painted region.
             same = region & (after == before).all(-1)
@@ -376,10 +377,10 @@ def write_mvtec_demo(
     }  # fmt: skip
 
     def write_one(tmp: Path, category: str, split: str, defect: str, i: int) -> None:
-        rng = _rng(seed, category, split, defect, i)
+        rng = keyed_rng(seed, category, split, defect, i)
         image, body, underlay = RENDERERS[category](rng, size)
         if defect == "good":
-            _save_png(tmp / category / split / defect / f"{i:03d}.png", _to_u8(image))
+            _save_png(tmp / category / split / defect / f"{i:03d}.png", to_uint8(image))
             return
         defective, mask = paint_defect(category, defect, rng, image, body, underlay)
         _save_png(tmp / category / split / defect / f"{i:03d}.png", defective)
@@ -446,12 +447,12 @@ def write_mvtec3d_demo(
         return np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image
 
     def write_one(tmp: Path, category: str, split: str, defect: str, i: int) -> None:
-        rng = _rng(seed, "mvtec3d", category, split, defect, i)
+        rng = keyed_rng(seed, "mvtec3d", category, split, defect, i)
         image, body, underlay = RENDERERS[category](rng, size)
         folder = tmp / category / split / defect
         mask = np.zeros((size, size), bool)
         if defect == "good":
-            out = _to_u8(image)
+            out = to_uint8(image)
         else:
             inside = np.zeros_like(body)
             inside[rows] = body[rows]  # defects of textures (body everywhere) must land inside the crop
@@ -580,7 +581,7 @@ def write_brats_demo(
         case = f"Brats18_Demo_{group}_{i:03d}_1"
         case_dir = tmp / group / case
         case_dir.mkdir(parents=True)
-        flair, seg = render_brain_case(_rng(seed, group, i), shape, group)
+        flair, seg = render_brain_case(keyed_rng(seed, group, i), shape, group)
         _save_nifti_gz(case_dir / f"{case}_flair.nii.gz", flair)
         _save_nifti_gz(case_dir / f"{case}_seg.nii.gz", seg)
 

@@ -14,6 +14,8 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+# albumentations asks PyPI for a newer version when it is imported, unless this is set; the project never uses
+# the network (a user's explicit setting is kept).
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import albumentations as A

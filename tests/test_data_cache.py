@@ -18,14 +18,21 @@ from PIL import Image
 from data_modules import MVTecDataModule
 from data_modules.cache import (
     COMPLETE_MARKER,
+    IMAGES,
+    MASKS,
     OWNER_FILE,
     TMP_PREFIX,
     NpyStreamWriter,
+    array_path,
     build_entry,
     cache_key,
     clean_abandoned,
     default_cache_dir,
     is_complete,
+    open_arrays,
+    read_index,
+    write_image_arrays,
+    write_index,
 )
 
 
@@ -38,8 +45,8 @@ def dead_pid() -> int:
 def fake_build(calls: list[int]):
     def build(tmp: Path) -> None:
         calls.append(1)
-        np.save(tmp / "images.npy", np.arange(6, dtype=np.uint8).reshape(2, 3))
-        (tmp / "index.json").write_text(json.dumps({"n": 2}))
+        np.save(array_path(tmp, IMAGES), np.arange(6, dtype=np.uint8).reshape(2, 3))
+        write_index(tmp, {"n": 2})
 
     return build
 
@@ -64,6 +71,16 @@ def test_stream_writer_empty_and_wrong_shape(tmp_path: Path) -> None:
         writer.append(np.zeros((1, 2, 3), np.uint8))
     writer.close()
     assert np.load(tmp_path / "e.npy").shape == (0, 2, 2, 3)
+
+
+def test_image_arrays_stream_rows_that_open_arrays_reads_back(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 4, 4, 3), dtype=np.uint8)
+    masks = rng.integers(0, 2, (5, 4, 4), dtype=np.uint8)
+    assert write_image_arrays(tmp_path, zip(images, masks), (4, 4, 3), 4) == 5
+    arrays = open_arrays(tmp_path, [IMAGES, MASKS])
+    assert np.array_equal(arrays[IMAGES], images) and np.array_equal(arrays[MASKS], masks)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(array_path(tmp_path, n).name for n in (IMAGES, MASKS))
 
 
 def test_cache_key_tracks_files_config_and_root(tmp_path: Path) -> None:
@@ -97,10 +114,10 @@ def test_build_once_then_reuse(tmp_path: Path) -> None:
 def test_final_dir_without_marker_is_not_trusted(tmp_path: Path) -> None:
     stale = tmp_path / "k2"
     stale.mkdir()
-    (stale / "images.npy").write_bytes(b"half written")
+    array_path(stale, IMAGES).write_bytes(b"half written")
     calls: list[int] = []
     build_entry(tmp_path, "k2", fake_build(calls))
-    assert calls == [1] and np.load(stale / "images.npy").shape == (2, 3)
+    assert calls == [1] and np.load(array_path(stale, IMAGES)).shape == (2, 3) and read_index(stale) == {"n": 2}
     # a marker naming another key is not trusted either
     (stale / COMPLETE_MARKER).write_text(json.dumps({"key": "other", "version": 1}))
     assert not is_complete(stale)
@@ -114,7 +131,7 @@ def test_leftover_temp_dirs(tmp_path: Path) -> None:
     def leftover(name: str, pid: int, age: float = 0.0) -> Path:
         d = tmp_path / f"{TMP_PREFIX}{name}"
         d.mkdir()
-        (d / "images.npy").write_bytes(b"partial")
+        array_path(d, IMAGES).write_bytes(b"partial")
         (d / OWNER_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": pid}))
         if age:
             os.utime(d, (time.time() - age, time.time() - age))
@@ -134,7 +151,7 @@ def test_leftover_temp_dirs(tmp_path: Path) -> None:
 
 def test_failed_build_leaves_nothing(tmp_path: Path) -> None:
     def broken(tmp: Path) -> None:
-        (tmp / "images.npy").write_bytes(b"x")
+        array_path(tmp, IMAGES).write_bytes(b"x")
         raise RuntimeError("decoder exploded")
 
     with pytest.raises(RuntimeError, match="exploded"):

@@ -207,7 +207,7 @@ def folder_layouts(demo_mvtec_root: Path, tmp_path_factory: pytest.TempPathFacto
 
 class _FolderContract(DataModuleContract):
     max_empty_anomalous = 0.1  # thin scratches may vanish at 32 px, as for MVTec
-    decoders = ("data_modules.folder.decode_folder_sample", "data_modules.image_io.read_image")
+    decoders = ("data_modules.folder.decode_folder_sample", "data_modules.image_io.open_image")
     layout: str
 
     @pytest.fixture

@@ -11,6 +11,7 @@ import torch
 
 from data_modules import BraTSDataModule, EvalDistributedSampler, MVTecDataModule
 from data_modules.base import AnomalyDataModule
+from data_modules.cache import IMAGES
 
 IMAGE_SIZE = 32
 KEYS = {"image", "mask", "label", "roi", "category", "path", "slice_index", "index", "has_mask"}
@@ -134,7 +135,7 @@ class DataModuleContract:
         second.setup()
         got = second.dataset("test")[0]
         assert torch.equal(got["image"], expected["image"]) and torch.equal(got["mask"], expected["mask"])
-        assert isinstance(second.dataset("test")._entry_arrays(0)["images"], np.memmap)
+        assert isinstance(second.dataset("test")._entry_arrays(0)[IMAGES], np.memmap)
 
     @pytest.mark.parametrize("world", [2, 3])
     def test_eval_loaders_partition_under_ddp(self, dm: AnomalyDataModule, world: int) -> None:
@@ -169,7 +170,7 @@ class DataModuleContract:
 class TestMVTecContract(DataModuleContract):
     num_channels = 3
     max_empty_anomalous = 0.1
-    decoders = ("data_modules.mvtec.decode_sample", "data_modules.image_io.read_image")
+    decoders = ("data_modules.mvtec.decode_sample", "data_modules.image_io.open_image")
 
     @pytest.fixture
     def root(self, demo_mvtec_root: Path) -> Path:
@@ -187,7 +188,7 @@ class TestMVTecContract(DataModuleContract):
 class TestMVTec3DContract(DataModuleContract):
     num_channels = 3
     max_empty_anomalous = 0.1
-    decoders = ("data_modules.mvtec3d.decode_sample_3d", "data_modules.image_io.read_image")
+    decoders = ("data_modules.mvtec3d.decode_sample_3d", "data_modules.image_io.open_image")
 
     @pytest.fixture
     def root(self, demo_mvtec3d_root: Path) -> Path:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import albumentations as A
@@ -9,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+import data_modules
+import lsgs
 from data_modules import BraTSDataModule, MVTecDataModule
 from data_modules.transforms import apply_transform, build_transforms
 from lsgs.errors import ConfigError
@@ -142,3 +147,35 @@ def test_train_split_augmented_jointly(
     a = dm.dataset("train")[0]["image"]
     torch.manual_seed(3)
     assert torch.equal(a, dm.dataset("train")[0]["image"])
+
+
+# Run in a fresh interpreter: an audit hook records and refuses every URL request, then the data modules are imported.
+NO_NETWORK_IMPORT = """
+import os, sys
+requests = []
+
+def refuse(event, args):
+    if event == "urllib.Request":
+        requests.append(args[0])
+        raise RuntimeError("no network in this test")
+
+sys.addaudithook(refuse)
+import data_modules
+import data_modules.transforms
+assert "albumentations" in sys.modules
+print(os.environ.get("NO_ALBUMENTATIONS_UPDATE"), requests)
+"""
+
+
+def test_importing_the_data_modules_never_asks_pypi_for_albumentations_updates() -> None:
+    """albumentations looks for a newer version on PyPI when it is imported, unless NO_ALBUMENTATIONS_UPDATE is
+    set: importing the data modules sets it (keeping a user's own value) before albumentations is imported."""
+    env = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
+    # The same data_modules and lsgs as this process, whether installed or on PYTHONPATH.
+    roots = [str(Path(data_modules.__file__).parents[1]), str(Path(lsgs.__file__).parents[1])]
+    env["PYTHONPATH"] = os.pathsep.join([*roots, env.get("PYTHONPATH", "")])
+    result = subprocess.run(
+        [sys.executable, "-c", NO_NETWORK_IMPORT], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["1", "[]"], result.stdout

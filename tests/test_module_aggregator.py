@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,8 @@ from data_modules import MVTecDataModule
 from lsgs.distributed import spawn_teardown_callback
 from lsgs.errors import ConfigError
 from lsgs.kmeans import faiss_gpu_available, kmeans
+from lsgs.layout import StageLayout
 from lsgs.modules import VQVAE, CodebookAggregator
-from lsgs.modules.aggregator import AGGREGATED_CHECKPOINT, AGGREGATION_REPORT
 
 TRAIN_VECTORS = 42 * 8 * 8  # 42 training images, 8x8 codes each
 K = 32
@@ -88,23 +89,24 @@ def test_aggregation_raises_the_effective_size_and_writes_a_vqvae_checkpoint(
     datamodule: MVTecDataModule,
 ) -> None:
     out, module = aggregated
+    layout = StageLayout.of(out)
     vectors, _ = train_vectors
     assert vectors.shape == (TRAIN_VECTORS, 8)
-    report = json.loads((out / AGGREGATION_REPORT).read_text())
+    report = json.loads(layout.aggregation_report.read_text())
     assert set(report) == REPORT_KEYS and set(report["kmeans"]) == KMEANS_KEYS
     assert report == json.loads(json.dumps(module.report))
 
     # Fewer than max_points_per_centroid * K vectors: k-means sees all of them, in dataset order.
     expected = kmeans(vectors, K, niter=20, seed=0, max_points_per_centroid=256, init="random")
     assert torch.equal(module.centroids, expected.centroids)
-    loaded = VQVAE.from_checkpoint(str(out / AGGREGATED_CHECKPOINT))
+    loaded = VQVAE.from_checkpoint(str(layout.aggregated_checkpoint))
     assert torch.equal(loaded.net.quantizer.codebook.detach(), expected.centroids)
     source = VQVAE.from_checkpoint(str(stage1[0]))
     for key, value in source.state_dict().items():  # everything but the codebook is the stage-1 model
         if key != "net.quantizer.codebook":
             assert torch.equal(loaded.state_dict()[key], value), key
     assert loaded.hparams.input_size == 32 and loaded.codebook_size == K
-    meta = torch.load(out / AGGREGATED_CHECKPOINT, map_location="cpu", weights_only=False)["lsgs"]
+    meta = torch.load(layout.aggregated_checkpoint, map_location="cpu", weights_only=False)["lsgs"]
     assert meta["kind"] == "vqvae" and meta["aggregated_from"] == str(stage1[0])
 
     learned = source.net.quantizer.codebook.detach()
@@ -134,11 +136,12 @@ def test_more_clusters_than_codes_gives_a_larger_working_codebook(
     stage1: tuple[Path, VQVAE], datamodule: MVTecDataModule, tmp_path: Path
 ) -> None:
     module = aggregate(stage1[0], datamodule, tmp_path, num_clusters=2 * K)
-    checkpoint = torch.load(tmp_path / AGGREGATED_CHECKPOINT, map_location="cpu", weights_only=False)
+    written = StageLayout.of(tmp_path).aggregated_checkpoint
+    checkpoint = torch.load(written, map_location="cpu", weights_only=False)
     assert checkpoint["hyper_parameters"]["codebook_size"] == 2 * K
     assert checkpoint["lsgs"]["config"]["codebook_size"] == 2 * K
     assert module.report["num_clusters"] == 2 * K and module.report["learned_codebook_size"] == K
-    loaded = VQVAE.from_checkpoint(str(tmp_path / AGGREGATED_CHECKPOINT))
+    loaded = VQVAE.from_checkpoint(str(written))
     assert loaded.codebook_size == 2 * K and loaded.net.quantizer.codebook.shape == (2 * K, 8)
     images = next(iter(datamodule.val_dataloader()))["image"]
     with torch.no_grad():
@@ -156,7 +159,31 @@ def test_fewer_encodings_than_clusters_suggests_a_smaller_codebook(
     assert f"{TRAIN_VECTORS} encodings" in message and f"num_clusters={TRAIN_VECTORS + 1}" in message
     suggested = int(message.split("model.num_clusters=")[1].rstrip(")"))
     assert 1 <= suggested < TRAIN_VECTORS
-    assert not (tmp_path / AGGREGATED_CHECKPOINT).exists()
+    assert not StageLayout.of(tmp_path).aggregated_checkpoint.exists()
+
+
+class ReturnsNothing(LightningModule):
+    """A module whose predict_step returns None by mistake: Lightning's warning about it must still show."""
+
+    def predict_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        return None
+
+
+def test_only_the_aggregators_own_predict_loop_silences_the_no_predictions_warning(
+    stage1: tuple[Path, VQVAE], datamodule: MVTecDataModule
+) -> None:
+    def no_predictions(caught: list[warnings.WarningMessage]) -> int:
+        return sum("predict returned None" in str(w.message) for w in caught)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        filters = list(warnings.filters)
+        aggregate(stage1[0], datamodule, niter=2)
+        with pytest.raises(ConfigError):  # a loop that fails restores the filters too
+            aggregate(stage1[0], datamodule, num_clusters=TRAIN_VECTORS + 1)
+        assert no_predictions(caught) == 0 and warnings.filters == filters
+        make_trainer().predict(ReturnsNothing(), dataloaders=[torch.zeros(2, 1)], return_predictions=False)
+        assert no_predictions(caught) == 1
 
 
 def test_constructor_rejects_bad_settings(stage1: tuple[Path, VQVAE]) -> None:
@@ -263,8 +290,9 @@ def test_two_process_ddp_equals_the_single_process_result(
     # computed in other batches on each rank, so a CPU kernel chosen by batch size could in principle change
     # the last bit of a few of them; compare to float tolerance (in practice they are bitwise equal).
     torch.testing.assert_close(ranks[0]["centroids"], single.centroids, rtol=1e-5, atol=1e-6)
-    ddp_report = json.loads((tmp_path / "ddp" / AGGREGATION_REPORT).read_text())
-    single_report = json.loads((tmp_path / "single" / AGGREGATION_REPORT).read_text())
+    ddp, single_run = StageLayout.of(tmp_path / "ddp"), StageLayout.of(tmp_path / "single")
+    ddp_report = json.loads(ddp.aggregation_report.read_text())
+    single_report = json.loads(single_run.aggregation_report.read_text())
     exact = ["train_vectors", "effective_size_before", "effective_size_after", "num_clusters",
              "learned_codebook_size"]
     assert {k: ddp_report[k] for k in exact} == {k: single_report[k] for k in exact}
@@ -274,5 +302,5 @@ def test_two_process_ddp_equals_the_single_process_result(
         # Sums over ranks in another order: equal up to float rounding.
         assert ddp_report[key] == pytest.approx(single_report[key], rel=1e-5), key
     assert ddp_report["kmeans"]["inertia"] == pytest.approx(single_report["kmeans"]["inertia"], rel=1e-5)
-    codebook = VQVAE.from_checkpoint(str(tmp_path / "ddp" / AGGREGATED_CHECKPOINT)).net.quantizer.codebook
+    codebook = VQVAE.from_checkpoint(str(ddp.aggregated_checkpoint)).net.quantizer.codebook
     assert torch.equal(codebook.detach(), ranks[0]["centroids"])

@@ -28,7 +28,6 @@ from lsgs.layout import StageLayout, evaluation_files
 from lsgs.metrics.histogram import bin_of_threshold, threshold_of_bin
 from lsgs.metrics.quantile import score_quantile
 from lsgs.modules import CausalTransformer, CodebookAggregator, GlobalTransformer, ScoringModule
-from lsgs.modules.aggregator import AGGREGATED_CHECKPOINT
 from lsgs.nn.restoration import code_nll, smooth_anomaly_map
 
 BITS = 16
@@ -120,13 +119,13 @@ def models(
     for attention, epochs in (("global", 15), ("causal", 1)):
         seed_everything(0, verbose=False)
         model = {"global": GlobalTransformer, "causal": CausalTransformer}[attention](
-            str(out / AGGREGATED_CHECKPOINT), **TRANSFORMER
+            str(StageLayout.of(out).aggregated_checkpoint), **TRANSFORMER
         )
         trainer = make_trainer(out, max_epochs=epochs)
         trainer.fit(model, datamodule=datamodule)
         paths[attention] = out / f"{attention}.ckpt"
         trainer.save_checkpoint(paths[attention], weights_only=True)
-    return Models(tiny_vqvae[0], out / AGGREGATED_CHECKPOINT, paths["global"], paths["causal"])
+    return Models(tiny_vqvae[0], StageLayout.of(out).aggregated_checkpoint, paths["global"], paths["causal"])
 
 
 @dataclass

@@ -55,9 +55,9 @@ def test_defect_masks_are_exactly_the_painted_pixels(demo_mvtec_root: Path) -> N
             for i in range(kw["n_test_per_defect"]):
                 # re-render the clean image from the same generator state the writer used
                 image, _, _ = RENDERERS[category](
-                    synthetic._rng(kw["seed"], category, "test", defect, i), kw["size"]
+                    synthetic.keyed_rng(kw["seed"], category, "test", defect, i), kw["size"]
                 )
-                clean = synthetic._to_u8(image)
+                clean = synthetic.to_uint8(image)
                 base = demo_mvtec_root / category
                 painted = np.asarray(Image.open(base / "test" / defect / f"{i:03d}.png"))
                 mask = np.asarray(Image.open(base / "ground_truth" / defect / f"{i:03d}_mask.png"))

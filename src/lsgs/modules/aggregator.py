@@ -26,12 +26,13 @@ of the written checkpoint restart from the new codebook (:meth:`VectorQuantizer.
 from __future__ import annotations
 
 import warnings
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
@@ -39,19 +40,39 @@ from lsgs.checkpoints import VQVAE_KIND, checkpoint_metadata, load_checkpoint
 from lsgs.errors import ConfigError
 from lsgs.io import atomic_torch_save, atomic_write_json
 from lsgs.kmeans import kmeans
-from lsgs.layout import AGGREGATION_REPORT, STAGE_OUTPUTS, StageLayout
+from lsgs.layout import StageLayout
 from lsgs.metrics.codebook import usage_statistics
 from lsgs.modules.vqvae import VQVAE
-from lsgs.nn.quantizer import VectorQuantizer, nearest_codes
+from lsgs.nn.nearest import nearest_codes
+from lsgs.nn.quantizer import VectorQuantizer
 from lsgs.progress import progress
 
-# The aggregator's predict_step returns nothing on purpose (it accumulates encodings); Lightning warns otherwise.
-warnings.filterwarnings("ignore", message="predict returned None")
-
-# File names of its outputs, as lsgs.layout names them (kept here for the tests and callers that import them).
-AGGREGATED_CHECKPOINT = STAGE_OUTPUTS["aggregator"]
-__all__ = ["AGGREGATED_CHECKPOINT", "AGGREGATION_REPORT", "CodebookAggregator"]
 KMEANS_INITS = ("random", "kmeans++", "codebook")
+
+
+class _NoPredictionsExpected(Callback):
+    """Silences Lightning's "predict returned None" warning while the aggregator's predict loop runs.
+
+    The aggregator's ``predict_step`` returns nothing on purpose (it accumulates encodings). The filter lives in a
+    ``warnings.catch_warnings()`` opened when the loop starts and closed when it ends or fails, so other modules'
+    predict loops still get the warning.
+    """
+
+    def __init__(self) -> None:
+        self._scope = ExitStack()
+
+    @override
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._scope.enter_context(warnings.catch_warnings())
+        warnings.filterwarnings("ignore", message="predict returned None")
+
+    @override
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._scope.close()
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._scope.close()
 
 
 class CodebookAggregator(LightningModule):
@@ -114,6 +135,10 @@ class CodebookAggregator(LightningModule):
     def codebook(self) -> torch.Tensor:
         """The learned raw codebook ``[K, C]`` (``C = lookup_dim or D``)."""
         return self.quantizer.codebook
+
+    @override
+    def configure_callbacks(self) -> list[Callback]:
+        return [_NoPredictionsExpected()]
 
     @override
     def on_predict_start(self) -> None:

@@ -20,8 +20,8 @@ from lsgs.progress import progress
 from lsgs.reports.figures import image_grid, log_image
 
 # Architecture arguments: taken from `init_from` when they are left at None, and checked against it otherwise.
-# lookup_dim and l2_normalize define the space the codebook lives in, so they belong here too (checkpoints written
-# before they existed lack them: they were off).
+# lookup_dim and l2_normalize define the space the codebook lives in, so they belong here too (a checkpoint without
+# them has them off: `_source_value`).
 ARCHITECTURE_KEYS = (
     "in_channels", "channels", "num_res_blocks", "res_channels", "codebook_size", "code_dim", "lookup_dim",
     "l2_normalize",
@@ -107,32 +107,9 @@ class VQVAE(LightningModule):
             "kmeans_init_batches": kmeans_init_batches,
             "codebook_seed": codebook_seed,
         }
-        # Checked before any checkpoint is read, with the names the user wrote.
-        validate_codebook_options(
-            ema_decay=ema_decay,
-            dead_code_threshold=dead_code_threshold,
-            kmeans_init=kmeans_init,
-            kmeans_init_batches=kmeans_init_batches,
-            lookup_dim=lookup_dim,
-            l2_normalize=False if l2_normalize is None else l2_normalize,
-            seed=codebook_seed,
-            prefix="model.",
-            seed_name="codebook_seed",
+        _validate_training_options(
+            **training_options, lookup_dim=lookup_dim, l2_normalize=l2_normalize, freeze_codebook=freeze_codebook
         )
-        if freeze_codebook:
-            moving = [
-                f"{name}={value!r}"
-                for name, value, off in (
-                    ("ema_decay", ema_decay, None), ("dead_code_threshold", dead_code_threshold, 0.0),
-                    ("kmeans_init", kmeans_init, False),
-                )
-                if value != off
-            ]
-            if moving:
-                raise ConfigError(
-                    f"model.freeze_codebook=True contradicts model.{moving[0]} (it moves the codebook); turn "
-                    f"one of them off"
-                )
         requested = {
             "in_channels": in_channels,
             "channels": tuple(channels) if channels is not None else None,
@@ -143,29 +120,12 @@ class VQVAE(LightningModule):
             "lookup_dim": lookup_dim,
             "l2_normalize": l2_normalize,
         }
-        init_state = None
+        init = None
         if init_from is not None:
-            checkpoint = load_checkpoint(init_from, VQVAE_KIND, "model.init_from")
-            source = checkpoint["hyper_parameters"]
-            conflicts = [
-                f"{key}={value!r} (checkpoint has {_source_value(source, key)!r})"
-                for key, value in requested.items()
-                if value is not None and _normalise(value) != _source_value(source, key)
-            ]
-            if conflicts:
-                raise CheckpointError(
-                    f"model.init_from '{init_from}' does not match the configured architecture: "
-                    + ", ".join(conflicts)
-                    + "; leave these unset to take them from the checkpoint"
-                )
-            requested = {key: _source_value(source, key) for key in ARCHITECTURE_KEYS}
-            input_size = input_size if input_size is not None else source.get("input_size")
-            init_state = {
-                k[len("net.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")
-            }
-        resolved = {
-            key: getattr(_DEFAULTS, key) if value is None else value for key, value in requested.items()
-        }
+            init = _read_init_source(init_from, requested)
+            requested = init.architecture
+            input_size = input_size if input_size is not None else init.input_size
+        resolved = _with_defaults(requested)
         # Recording the resolved values (not the Nones) makes every checkpoint self-describing.
         self.save_hyperparameters(
             {
@@ -181,15 +141,19 @@ class VQVAE(LightningModule):
             }
         )
         self.net = VQVAENet(VQVAEConfig(**resolved, beta=beta, **training_options))
-        if init_state is not None:
-            self._load_init_state(init_state, init_from)
+        if init is not None:
+            self._load_init_state(init.state, init_from)
+        self._prepare_net(freeze_codebook)
+        self.train_usage = CodebookUsage(resolved["codebook_size"])
+        self.val_usage = CodebookUsage(resolved["codebook_size"])
+        self._image_batch: torch.Tensor | None = None
+
+    def _prepare_net(self, freeze_codebook: bool) -> None:
+        """Put the built (and loaded) net in its training layout, and freeze the codebook if asked."""
         # oneDNN's convolutions are ~13% faster on CPU in channels_last (benchmarks/vqvae_throughput.py).
         self.net.to(memory_format=torch.channels_last)
         if freeze_codebook:
             self.net.quantizer.codebook.requires_grad_(False)
-        self.train_usage = CodebookUsage(resolved["codebook_size"])
-        self.val_usage = CodebookUsage(resolved["codebook_size"])
-        self._image_batch: torch.Tensor | None = None
 
     def _load_init_state(self, state: dict[str, torch.Tensor], init_from: str) -> None:
         """Load ``init_from``'s weights. The optional quantizer buffers may differ when the training options
@@ -373,10 +337,100 @@ class VQVAE(LightningModule):
         checkpoint["hyper_parameters"]["_class_path"] = f"{VQVAE.__module__}.{VQVAE.__qualname__}"
 
 
+def _validate_training_options(
+    *,
+    ema_decay: float | None,
+    dead_code_threshold: float,
+    kmeans_init: bool,
+    kmeans_init_batches: int,
+    codebook_seed: int,
+    lookup_dim: int | None,
+    l2_normalize: bool | None,
+    freeze_codebook: bool,
+) -> None:
+    """Check the codebook options before any checkpoint is read, with the names the user wrote.
+
+    Raises:
+        ConfigError: an option out of range, or ``freeze_codebook`` with an option that moves the codebook.
+    """
+    validate_codebook_options(
+        ema_decay=ema_decay,
+        dead_code_threshold=dead_code_threshold,
+        kmeans_init=kmeans_init,
+        kmeans_init_batches=kmeans_init_batches,
+        lookup_dim=lookup_dim,
+        l2_normalize=False if l2_normalize is None else l2_normalize,
+        seed=codebook_seed,
+        prefix="model.",
+        seed_name="codebook_seed",
+    )
+    if not freeze_codebook:
+        return
+    moving = [
+        f"{name}={value!r}"
+        for name, value, off in (
+            ("ema_decay", ema_decay, None), ("dead_code_threshold", dead_code_threshold, 0.0),
+            ("kmeans_init", kmeans_init, False),
+        )
+        if value != off
+    ]
+    if moving:
+        raise ConfigError(
+            f"model.freeze_codebook=True contradicts model.{moving[0]} (it moves the codebook); turn "
+            f"one of them off"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class _InitSource:
+    """What a VQ-VAE started from ``init_from`` takes from that checkpoint.
+
+    Attributes:
+        architecture: every ``ARCHITECTURE_KEYS`` value of the checkpoint.
+        input_size: the checkpoint's recorded input size (None if it was never fitted).
+        state: the ``VQVAENet`` weights and buffers (``net.`` prefix removed).
+    """
+
+    architecture: dict[str, Any]
+    input_size: int | None
+    state: dict[str, torch.Tensor]
+
+
+def _read_init_source(init_from: str, requested: dict[str, Any]) -> _InitSource:
+    """Load ``init_from`` and check the architecture values that were given (not None) against it.
+
+    Raises:
+        CheckpointError: the file is not a VQ-VAE checkpoint, or a given value differs from the checkpoint's.
+    """
+    checkpoint = load_checkpoint(init_from, VQVAE_KIND, "model.init_from")
+    source = checkpoint["hyper_parameters"]
+    conflicts = [
+        f"{key}={value!r} (checkpoint has {_source_value(source, key)!r})"
+        for key, value in requested.items()
+        if value is not None and _normalise(value) != _source_value(source, key)
+    ]
+    if conflicts:
+        raise CheckpointError(
+            f"model.init_from '{init_from}' does not match the configured architecture: "
+            + ", ".join(conflicts)
+            + "; leave these unset to take them from the checkpoint"
+        )
+    return _InitSource(
+        architecture={key: _source_value(source, key) for key in ARCHITECTURE_KEYS},
+        input_size=source.get("input_size"),
+        state={k[len("net.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")},
+    )
+
+
+def _with_defaults(architecture: dict[str, Any]) -> dict[str, Any]:
+    """The architecture values with each None replaced by ``VQVAEConfig``'s default."""
+    return {key: getattr(_DEFAULTS, key) if value is None else value for key, value in architecture.items()}
+
+
 def _normalise(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
 def _source_value(hparams: dict[str, Any], key: str) -> Any:
-    """An architecture value of a checkpoint; keys added after it was written take their (off) default."""
+    """An architecture value of a checkpoint; a key the checkpoint lacks takes its (off) default."""
     return _normalise(hparams[key] if key in hparams else getattr(_DEFAULTS, key))
