@@ -197,6 +197,17 @@ class TestPositionAndMask:
             assert torch.allclose(a[0, 10], b[0, 10], atol=1e-6) == same_10
             assert not torch.allclose(a[0, 12], b[0, 12], atol=1e-6)
 
+    @pytest.mark.parametrize("site", [0, 1, 2])
+    def test_each_mask_flag_masks_its_attention_site(self, site):
+        maps, ci = feature_maps(2), torch.tensor([0, 1])
+        flags = tuple(i == site for i in range(3))
+        masked = tiny_net(neighbor_mask=flags).eval()
+        plain = tiny_net().eval()
+        assert [masked._mask(i) is not None for i in range(3)] == list(flags)
+        assert all(plain._mask(i) is None for i in range(3))
+        plain.load_state_dict(masked.state_dict())
+        assert not torch.allclose(masked(maps, ci).reconstruction, plain(maps, ci).reconstruction)
+
     def test_encoder_layer_direct(self):
         torch.manual_seed(0)
         layer = EncoderLayer(8, 2, 16, 0.0).eval()

@@ -79,8 +79,8 @@ class SwitchedQuantizerOutput:
     Attributes:
         quantized: ``[B, L, D]`` the chosen codes in value, with the straight-through gradient to the input.
         indices: ``[B, L]`` int64 code indices in each sample's class codebook.
-        commitment_loss: scalar ``mean ||sg[e] - z||^2`` over all samples, positions and channels (the
-            official ``diff``); its gradient reaches the input only.
+        commitment_loss: fp32 scalar ``mean ||sg[e] - z||^2`` over all samples, positions and channels (the
+            official ``diff``); its gradient reaches the input only (the codes are buffers).
         codebooks: ``[B, K, D]`` the codebook each sample was quantised with (before this step's EMA update),
             detached; the transport score reads it.
     """
@@ -156,10 +156,9 @@ class SwitchedEMAQuantizer(nn.Module):
         """
         codebooks = self.codebook[class_index]  # [B, K, D]
         indices = nearest_codes_per_sample(vectors, codebooks)  # [B, L]
-        chosen = torch.gather(
-            codebooks, 1, indices.unsqueeze(2).expand(-1, -1, self.dim)
-        ).to(vectors.dtype)  # [B, L, D]
-        commitment_loss = (chosen.detach() - vectors).pow(2).mean()
+        chosen = torch.gather(codebooks, 1, indices.unsqueeze(2).expand(-1, -1, self.dim))  # [B, L, D]
+        commitment_loss = (chosen.float() - vectors.float()).pow(2).mean()  # fp32 also under autocast
+        chosen = chosen.to(vectors.dtype)
         if self.training:
             self._update(vectors, indices, class_index)
         quantized = vectors + (chosen - vectors).detach()  # straight-through estimator

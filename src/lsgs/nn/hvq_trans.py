@@ -437,7 +437,8 @@ class HVQTransNet(nn.Module):
             DataError: wrong number, channels or grid of the maps; ``class_index`` not ``[B]`` integers in
                 ``[0, num_classes)``.
         """
-        if torch.jit.is_tracing() or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
+        exporting = getattr(torch.compiler, "is_exporting", lambda: False)()  # torch >= 2.6
+        if torch.jit.is_tracing() or exporting or torch.onnx.is_in_onnx_export():
             return class_index.long()
         cfg = self.config
         channels = tuple(f.shape[1] for f in features)
@@ -535,11 +536,11 @@ class HVQTransNet(nn.Module):
         if self.training:
             # One call per class present, so absent classes' projections get no gradient at all (grad None:
             # the optimiser leaves them alone, as with the official per-sample loop).
-            out = decoded.new_zeros(*decoded.shape[:2], self.config.feature_dim)
+            parts, rows = [], []
             for c in class_index.unique().tolist():
-                rows = (class_index == c).nonzero().flatten()
-                out[rows] = self.output_projections[c](decoded[rows])
-            return out
+                rows.append((class_index == c).nonzero().flatten())
+                parts.append(self.output_projections[c](decoded[rows[-1]]))  # [B_c, L, C]
+            return torch.cat(parts)[torch.argsort(torch.cat(rows))]  # grouped by class -> batch order
         weight = torch.stack([p.weight for p in self.output_projections])[class_index]  # [B, C, 2 * hidden_dim]
         bias = torch.stack([p.bias for p in self.output_projections])[class_index]  # [B, C]
         return torch.baddbmm(bias.unsqueeze(1), decoded, weight.transpose(1, 2))  # [B, L, C]
@@ -612,10 +613,10 @@ def hvq_anomaly_map(output: HVQTransOutput, image_size: tuple[int, int], ot_weig
         ot_weight: weight of :attr:`HVQTransOutput.ot_score` (official: 80; 0 = reconstruction error only).
 
     Returns:
-        ``[B, 1, H, W]``, bilinear with ``align_corners=True`` from the ``[B, 1, h, w]`` token map.
+        ``[B, 1, H, W]`` fp32, bilinear with ``align_corners=True`` from the ``[B, 1, h, w]`` token map.
     """
-    error = (output.reconstruction - output.features).pow(2).sum(dim=1, keepdim=True).sqrt()  # [B, 1, h, w]
-    score = error + ot_weight * output.ot_score.unsqueeze(1).to(error.dtype)  # [B, 1, h, w]
+    diff = output.reconstruction.float() - output.features.float()  # fp32 also after bf16 autocast
+    score = diff.pow(2).sum(dim=1, keepdim=True).sqrt() + ot_weight * output.ot_score.unsqueeze(1)  # [B, 1, h, w]
     return F.interpolate(score, size=tuple(image_size), mode="bilinear", align_corners=True)
 
 
