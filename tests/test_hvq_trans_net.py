@@ -116,7 +116,8 @@ class TestConfig:
     @pytest.mark.parametrize(
         ("overrides", "needle"),
         [
-            ({"hidden_dim": 15}, "nhead"),
+            ({"hidden_dim": 18, "nhead": 4}, "nhead"),
+            ({"hidden_dim": 15, "nhead": 1}, "even"),
             ({"num_decoder_layers": 3}, "num_decoder_layers"),
             ({"image_size": (18, 16)}, "token_stride"),
             ({"image_size": (16,)}, "image_size"),

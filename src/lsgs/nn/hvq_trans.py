@@ -6,10 +6,11 @@ codebooks of the sample's class, decoded by a hierarchical transformer decoder (
 and projected back to the backbone features by the class's output projection. The anomaly map is the per-token
 L2 reconstruction error plus 80 x the prototype-transport score of the lowest level.
 
-What the paper leaves open is decided by the official code (github.com/RuiyingLu/HVQ-Trans; the model with the
-transport score is ``models/HVQ_TR_switch_OT.py``, built by ``tools/train_val.py`` as
-``HVQ_TR_switch(channel=272, embed_dim=256)``, i.e. WITHOUT the ``net:`` section of
-``experiments/MVTec-AD/config.yaml``, which is a leftover of UniAD). Choices, each with its source:
+What the paper leaves open is decided by the official code (github.com/RuiyingLu/HVQ-Trans). Its README says
+the paper's numbers come from ``models/HVQ_TR_switch_OT.py``: ``models/HVQ_TR_switch.py`` plus the transport
+score at test time. ``tools/train_val.py`` builds the model as ``HVQ_TR_switch(channel=272, embed_dim=256)``,
+i.e. WITHOUT the ``net:`` section of ``experiments/MVTec-AD/config.yaml``, which is a leftover of UniAD; only
+the dataset, optimiser and evaluator sections of that config are read. Choices, each with its source:
 
 - neck: backbone maps at strides 2/4/8/16 (EfficientNet-B4 blocks 1, 5, 9, 21: 24 + 32 + 56 + 160 = 272
   channels) resized to the stride-16 grid by bilinear interpolation with ``align_corners=True`` and
@@ -30,7 +31,10 @@ transport score is ``models/HVQ_TR_switch_OT.py``, built by ``tools/train_val.py
   encoder). Source: ``HVQ_TR_switch_OT.encode``.
 - quantiser: 512 codes per codebook, EMA decay 0.99, Laplace epsilon 1e-5, codes initialised ``N(0, 1)`` with
   zero EMA counts and EMA sums equal to the codes; nearest code by squared Euclidean distance; straight-through
-  estimator; commitment term ``mean ||sg[e] - z||^2``. Source: ``Quantize``.
+  estimator; commitment term ``mean ||sg[e] - z||^2``. Source: ``Quantize``. (With EMA sums starting at the
+  codes and counts at 0, the first steps put the codes far from their clusters' means; the transient fades
+  over about ``1 / (1 - decay)`` = 100 updates of a class, and a code unused in its class's first update has
+  a tiny smoothed size and a huge norm, i.e. stays dead.)
 - EMA granularity (deviation, ours): one EMA step per class per training forward on the statistics of all of
   that class's vectors in the batch of all ranks. The official code loops over the samples and makes one step
   per sample (so a class with ``n`` samples in a batch decays by 0.99^n, and its later samples are quantised
@@ -62,7 +66,9 @@ transport score is ``models/HVQ_TR_switch_OT.py``, built by ``tools/train_val.py
   quantiser input (``concat(projected tokens, quantised top)``) against its class codebook (the other levels'
   scores are commented out), bilinearly upsampled (``align_corners=True``) to the image size. Source:
   ``forward`` (``80.0 * ot_score``, ``self.upsample``) and ``OT`` / ``conditional_distribution``; see
-  :func:`lsgs.nn.hvq_quantizer.prototype_transport_score` (no Sinkhorn and no EMD are involved).
+  :func:`lsgs.nn.hvq_quantizer.prototype_transport_score` (no Sinkhorn and no EMD are involved). The official
+  code computes the score in eval mode only; here every forward returns it (detached; a few percent of the
+  cost), so the output has one type in both modes.
 - image score: the maximum of the map after a 16 x 16 average pool with stride 1 and no padding. Source:
   ``utils/eval_helper.py``, ``EvalImageMax`` with ``avgpool_size: [16, 16]``.
 - initialisation: PyTorch defaults (the config's ``initializer: xavier_uniform`` is never applied to this
@@ -161,6 +167,10 @@ class HVQTransConfig:
         if any(s % self.token_stride for s in self.image_size):
             raise ConfigError(
                 f"{name}.image_size {self.image_size} must be a multiple of token_stride={self.token_stride}"
+            )
+        if self.hidden_dim % 2:
+            raise ConfigError(
+                f"{name}.hidden_dim={self.hidden_dim} must be even (row and column position embeddings of half each)"
             )
         if self.hidden_dim % self.nhead:
             raise ConfigError(f"{name}.hidden_dim={self.hidden_dim} must be divisible by nhead={self.nhead}")
