@@ -342,6 +342,14 @@ class TestNet:
         enc = net.encode(torch.randn(3, 16, 16))
         assert len(enc) == 3 and all(e.shape == (3, 16, 16) for e in enc)
 
+    def test_one_class_has_one_set(self):
+        net = tiny_net(num_classes=1).train()
+        assert len(net.output_projections) == 1 and all(q.codebook.shape[0] == 1 for q in net.quantizers)
+        out = net(feature_maps(2), torch.zeros(2, dtype=torch.int32))
+        assert out.reconstruction.shape == (2, 16, 4, 4)
+        with pytest.raises(DataError, match="num_classes=1"):
+            net(feature_maps(2), torch.tensor([0, 1]))
+
     def test_hierarchy_brute_force(self):
         """Top level alone; every lower level = concat(encoder output, quantised top), nearest code by loops."""
         net = tiny_net(num_encoder_layers=3, num_decoder_layers=3).eval()
