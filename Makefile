@@ -25,8 +25,7 @@ DATA_ROOT ?=
 ARGS ?=
 RUN_DIR ?=
 
-# albumentations phones home on import unless told not to; W&B stays offline unless the user says otherwise.
-export NO_ALBUMENTATIONS_UPDATE := 1
+# W&B stays offline unless the user says otherwise.
 export WANDB_MODE ?= offline
 
 LSGS := $(PY) -m lsgs

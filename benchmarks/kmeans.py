@@ -13,11 +13,8 @@ vectors and both runs solve the same problem; both report the mean squared dista
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
-
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import faiss
 import torch

@@ -273,7 +273,6 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     from lsgs.metrics import DEFAULT_NUM_BITS
 

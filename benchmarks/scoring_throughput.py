@@ -33,8 +33,6 @@ import sys
 import time
 from collections.abc import Callable
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-
 import torch
 
 from lsgs.machine import cpu_name

@@ -13,15 +13,12 @@ several 4096x4096 matmuls measured in the same run (before and after the model r
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import torch
 import torch.nn.functional as F

@@ -266,6 +266,11 @@ class FolderDataModule(AnomalyDataModule):
         return self.channels
 
     @property
+    def normals_per_category(self) -> bool:
+        """False: the categories (abnormal folders) share one population of training normals."""
+        return False
+
+    @property
     def test_categories(self) -> list[str]:
         """One category per abnormal folder (empty without `abnormal_dir`: no test set)."""
         return list(dict.fromkeys(self.categories))

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from lsgs.nn.nearest import nearest_codes
 from lsgs.nn.quantizer import (
     QuantizerOutput,
     VectorQuantizer,
     code_counts,
     codebook_perplexity,
-    nearest_codes,
 )
 
 

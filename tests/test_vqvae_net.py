@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lsgs.errors import ConfigError
-from lsgs.nn.quantizer import QuantizerOutput, nearest_codes
+from lsgs.nn.nearest import nearest_codes
+from lsgs.nn.quantizer import QuantizerOutput
 from lsgs.nn.vqvae import Decoder, Encoder, VQVAEConfig, VQVAENet, VQVAEOutput
 
 

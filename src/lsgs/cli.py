@@ -17,8 +17,6 @@ import signal
 import sys
 from collections.abc import Sequence
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-
 USAGE = __doc__
 
 

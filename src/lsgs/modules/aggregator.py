@@ -36,7 +36,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from lsgs.checkpoints import VQVAE_KIND, checkpoint_metadata, load_checkpoint
+from lsgs.checkpoints import VQVAE_KIND, checkpoint_metadata, load_checkpoint, require_checkpoint
 from lsgs.errors import ConfigError
 from lsgs.io import atomic_torch_save, atomic_write_json
 from lsgs.kmeans import kmeans
@@ -106,8 +106,7 @@ class CodebookAggregator(LightningModule):
         output_dir: str | None = None,
     ) -> None:
         super().__init__()
-        if vqvae_checkpoint is None:
-            raise ConfigError("model.vqvae_checkpoint is required (the pipeline fills it in)")
+        require_checkpoint(vqvae_checkpoint, "model.vqvae_checkpoint")
         if init not in KMEANS_INITS:
             raise ConfigError(f"model.init={init!r} is not one of {KMEANS_INITS}")
         self.save_hyperparameters()

@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lsgs.nn.nearest import nearest_codes  # used below; also imported from here by callers
+from lsgs.nn.nearest import nearest_codes
 
 # Decay of the usage average that drives dead-code restarts when the codebook is not EMA-trained
 # (with ema_decay set, the EMA cluster sizes themselves are the usage average). 0.99 is the common EMA decay
