@@ -37,9 +37,9 @@ import torch
 
 from lsgs.machine import cpu_name
 from lsgs.metrics.quantile import score_quantile
+from lsgs.nn.image_score import reduce_image_scores
 from lsgs.nn.restoration import (
     code_nll,
-    image_scores,
     restoration_anomaly_map,
     restore_causal,
     restore_global,
@@ -79,7 +79,7 @@ def full_scoring(
     decoded = decoded.contiguous().view(B, n, *decoded.shape[1:])  # (B, n, C, H, W)
     t4 = time.perf_counter()
     amap = restoration_anomaly_map(x_hat, decoded)  # (B, 1, H, W)
-    scores = image_scores(smooth_anomaly_map(amap))  # (B,)
+    scores = reduce_image_scores(smooth_anomaly_map(amap), "max")  # (B,)
     t5 = time.perf_counter()
     for name, (a, b) in zip(STAGES, ((t0, t1), (t1, t2), (t2, t3), (t3, t4), (t4, t5))):
         times[name] = b - a

@@ -1,4 +1,4 @@
-"""``lsgs.evaluation.load_method``: every method (the four baselines and LSGS) rebuilt from a finished stage folder
+"""``lsgs.evaluation.load_method``: every method (the four built-in baselines and LSGS) rebuilt from a finished stage folder
 predicts exactly the maps its stage computed, with the thresholds its stage calibrated; folders without what a
 method needs are one-line ``ConfigError``s."""
 
@@ -130,8 +130,8 @@ def test_folders_without_what_a_method_needs_are_config_errors(
         load_method(tmp_path)
     run_stage(tmp_path, BUILTIN_METHODS["intensity"], HARNESS, datamodule)
     stage = StageLayout.of(tmp_path)
-    stage.last_checkpoint.unlink()  # as a stage folder written before baselines kept it
-    with pytest.raises(ConfigError, match=r"has no learned state .*start a new run \(--run_dir\)"):
+    stage.last_checkpoint.unlink()  # a stage folder that lost its learned state
+    with pytest.raises(ConfigError, match=r"has no learned state .*checkpoints/last.ckpt is missing.*re-run"):
         load_method(tmp_path)
     # A config naming a class where it was before it moved (lsgs.modules.IntensityBaseline).
     config = yaml.safe_load(stage.config.read_text())

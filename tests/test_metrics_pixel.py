@@ -12,7 +12,8 @@ from lsgs.errors import ConfigError, DataError
 from lsgs.metrics import ImageAUROC, PixelMetrics, ScoreQuantile
 from lsgs.metrics._inputs import check_binary
 from lsgs.metrics.histogram import bin_of_threshold, num_bins
-from lsgs.metrics.image import exact_auroc, image_scores_from_maps
+from lsgs.metrics.image import exact_auroc
+from lsgs.nn.image_score import image_scores_from_maps
 
 NB = 16
 

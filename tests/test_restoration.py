@@ -12,7 +12,6 @@ from lsgs.metrics.histogram import bin_of_threshold, threshold_of_bin
 from lsgs.metrics.quantile import ScoreQuantile, score_quantile
 from lsgs.nn.restoration import (
     code_nll,
-    image_scores,
     per_image_uniforms,
     reconstruction_error_map,
     restoration_anomaly_map,
@@ -420,17 +419,6 @@ def test_smoothing_defaults_and_errors():
     for kwargs in ({"min_kernel": 2}, {"avg_kernel": 0}, {"avg_kernel": True}, {"min_kernel": 3.0}):
         with pytest.raises(ValueError, match="odd positive int"):
             smooth_anomaly_map(amap, **kwargs)
-
-
-def test_image_scores_is_the_max():
-    amap = torch.rand(3, 1, 5, 6, generator=gen())
-    amap[1, 0, 4, 2] = 7.0
-    scores = image_scores(amap)
-    assert scores.shape == (3,)
-    assert scores[1].item() == 7.0
-    torch.testing.assert_close(scores, torch.stack([m.max() for m in amap]))
-    with pytest.raises(ValueError, match=r"\[B, C, H, W\]"):
-        image_scores(amap[0])
 
 
 def test_nll_threshold_is_the_streamed_score_quantile():

@@ -42,7 +42,7 @@ from lsgs.errors import ConfigError
 from lsgs.io import atomic_write_json, atomic_write_text, read_json, read_json_or_none
 from lsgs.layout import RunLayout
 from lsgs.methods.registry import ABLATION_KIND, LSGS_METHOD, evaluated_methods
-from lsgs.metrics.image import IMAGE_SCORES
+from lsgs.nn.image_score import IMAGE_SCORES
 from lsgs.progress import progress
 from lsgs.reports.tables import METRIC_COLUMNS, csv_text, format_value, markdown_table
 

@@ -25,11 +25,15 @@ from lsgs.evaluation.writers import write_evaluation_outputs
 from lsgs.io import read_json
 from lsgs.layout import StageLayout
 from lsgs.metrics import AnomalyMetrics, ScoreQuantile
-from lsgs.metrics.image import IMAGE_SCORES, reduce_image_scores
-from lsgs.nn.restoration import smooth_anomaly_map
+from lsgs.nn.anomaly_map import final_anomaly_map, resize_map
+from lsgs.nn.image_score import IMAGE_SCORES, reduce_image_scores
 from lsgs.progress import progress
 
 METRIC_REGIONS = ("all", "roi")
+# The key of a method's own [B] image scores among the extras ``raw_anomaly_map`` returns, and the value of
+# ``effective_image_score`` that uses them.
+OWN_IMAGE_SCORE = "image_score"
+OWN = "own"
 # What calibration on the validation normals set (``calibration.json``): ``val_threshold``, ``image_threshold``,
 # ``val_quantile``, ``image_quantile`` (numbers), and what a method adds (LSGS: ``nll_threshold``, or
 # ``nll_thresholds``, a ``{category: threshold}`` table).
@@ -43,9 +47,16 @@ class AnomalyMapModule(LightningModule, abc.ABC):
     the attached data module (pixel threshold for the honest Dice, image threshold, and whatever the subclass
     needs first, e.g. the LSGS NLL threshold), (2) scores the test set, (3) writes the outputs.
 
+    What is shared by every method of a run (the pipeline copies the scoring stage's values to every method): the
+    evaluation size (the masks'), ``metric_region``, the validation quantiles, ``metric_bits``, AUPRO, heatmaps.
+    What is each method's own unless an experiment imposes one value on every method (sets it in the scoring
+    stage): the post-processing (``smoothing``, default ``default_smoothing``) and the image score
+    (``image_score``, default the method's own, ``own_image_score``, else the map's maximum).
+
     Args:
         output_dir: where results, heatmaps and curves go (rank 0); None writes nothing.
-        smoothing: MinPool 3x3 then AvgPool 7x7 on the ROI-masked map (Naval Marimont & Tarroni).
+        smoothing: MinPool 3x3 then AvgPool 7x7 on the ROI-masked map (Naval Marimont & Tarroni); None: the
+            method's ``default_smoothing`` (True for LSGS and the pixel-space baselines).
         smoothing_count_include_pad: whether the 7x7 average counts the zero padding at the image border, as
             the reference code does (PyTorch's default, True); False keeps border scores at their scale.
         val_quantile: quantile of the validation normals' pixel scores used as the honest Dice threshold.
@@ -58,7 +69,9 @@ class AnomalyMapModule(LightningModule, abc.ABC):
         heatmap_seed: seed of that choice.
         calibration: a ``calibration.json`` of an earlier run to reuse instead of calibrating again.
         image_score: image score of a map (image AUROC, image threshold, ``lsgs detect``, ``image_scores.csv``):
-            ``max`` (the paper's) or ``topk_mean``, the mean of the top ``image_topk`` fraction of the pixels.
+            ``max`` (the paper's) or ``topk_mean``, the mean of the top ``image_topk`` fraction of the pixels;
+            None: the method's own (``own_image_score``: PatchCore's re-weighted maximum, HVQ-Trans's pooled
+            maximum), else ``max``.
         image_topk: fraction q in (0, 1] of ``topk_mean`` (0.01: the top 1 % of the pixels).
     """
 
@@ -69,11 +82,16 @@ class AnomalyMapModule(LightningModule, abc.ABC):
     # Experiment keys the pipeline copies into this method's stage when its own config leaves them unset (None):
     # ``{"model.init_args.<arg>" or "trainer.<key>": "<stage>.model.init_args.<arg>" or "<stage>.trainer.<key>"}``.
     pipeline_defaults: ClassVar[dict[str, str]] = {}
+    # The post-processing the method's maps get when the experiment imposes none (``smoothing`` left null).
+    default_smoothing: ClassVar[bool] = True
+    # The name of the method's own image score, which ``raw_anomaly_map`` returns under ``OWN_IMAGE_SCORE``; None:
+    # the method has none and is scored by the map's maximum unless the experiment imposes another reduction.
+    own_image_score: ClassVar[str | None] = None
 
     def __init__(
         self,
         output_dir: str | None = None,
-        smoothing: bool = True,
+        smoothing: bool | None = None,
         smoothing_count_include_pad: bool = True,
         val_quantile: float = 0.99,
         image_quantile: float = 0.99,
@@ -83,7 +101,7 @@ class AnomalyMapModule(LightningModule, abc.ABC):
         heatmaps_per_category: int = 2,
         heatmap_seed: int = 0,
         calibration: str | None = None,
-        image_score: str = "max",
+        image_score: str | None = None,
         image_topk: float = 0.01,
     ) -> None:
         super().__init__()
@@ -92,14 +110,15 @@ class AnomalyMapModule(LightningModule, abc.ABC):
                 raise ConfigError(f"model.{name} must be in (0, 1), got {value}")
         if metric_region not in METRIC_REGIONS:
             raise ConfigError(f"model.metric_region={metric_region!r} is not one of {METRIC_REGIONS}")
-        if image_score not in IMAGE_SCORES:
-            raise ConfigError(f"model.image_score={image_score!r} is not one of {IMAGE_SCORES}")
+        if image_score is not None and image_score not in IMAGE_SCORES:
+            raise ConfigError(f"model.image_score={image_score!r} is not one of {IMAGE_SCORES} (or null: the "
+                              "method's own)")
         if not 0.0 < image_topk <= 1.0:
             raise ConfigError(f"model.image_topk must be in (0, 1], got {image_topk}")
         self.image_score = image_score
         self.image_topk = image_topk
         self.output_dir = Path(output_dir) if output_dir else None
-        self.smoothing = smoothing
+        self.smoothing = self.default_smoothing if smoothing is None else bool(smoothing)
         self.smoothing_count_include_pad = smoothing_count_include_pad
         self.val_quantile = val_quantile
         self.image_quantile = image_quantile
@@ -116,11 +135,13 @@ class AnomalyMapModule(LightningModule, abc.ABC):
     # ------------------------------------------------------------------------------------------- subclass API
     @abc.abstractmethod
     def raw_anomaly_map(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The method's anomaly map before ROI masking and smoothing.
+        """The method's anomaly map before resizing to the evaluation size, ROI masking and smoothing.
 
         Returns:
-            ``[B, 1, H, W]`` map (higher = more anomalous) and named ``[B, C, H, W]`` pictures for the heatmap
-            panels (e.g. ``reconstruction``, ``restoration``).
+            ``[B, 1, h, w]`` map (higher = more anomalous) at the method's input size (``batch["image"]``'s; the
+            harness resizes it to the masks' size) and named extras: ``[B, C, h, w]`` pictures for the heatmap
+            panels (e.g. ``reconstruction``, ``restoration``) and, for a method with ``own_image_score``, its
+            ``[B]`` image scores under ``OWN_IMAGE_SCORE``.
         """
 
     def calibration_phases(self) -> list[tuple[str, str]]:
@@ -169,20 +190,49 @@ class AnomalyMapModule(LightningModule, abc.ABC):
 
     # ------------------------------------------------------------------------------------------- maps
     def anomaly_map(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The final map: raw map x ROI, then smoothed. Returns ``[B, 1, H, W]`` and the panel pictures."""
-        raw, pictures = self.raw_anomaly_map(batch)
-        masked = raw.float() * batch["roi"].to(raw.device, torch.float32)
-        if not self.smoothing:
-            return masked, pictures
-        return smooth_anomaly_map(masked, count_include_pad=self.smoothing_count_include_pad), pictures
+        """The final map ``[B, 1, H, W]`` (``lsgs.nn.anomaly_map.final_anomaly_map``: the raw map resized to the
+        masks' size, times the ROI, smoothed when ``smoothing``) and the panel pictures (at the map's size)."""
+        maps, pictures, _ = self.scored_maps(batch)
+        return maps, pictures
 
-    def image_scores(self, maps: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        """``[B]`` image scores of ``[B, 1, H, W]`` final maps by ``image_score`` (over ``valid`` pixels if given)."""
-        return reduce_image_scores(maps, self.image_score, self.image_topk, valid)
+    def scored_maps(
+        self, batch: dict[str, Any]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+        """``anomaly_map`` plus the method's own ``[B]`` image scores (None for a method without them)."""
+        raw, extras = self.raw_anomaly_map(batch)
+        extras = dict(extras)
+        own = extras.pop(OWN_IMAGE_SCORE, None)
+        roi = batch["roi"]
+        maps = final_anomaly_map(raw, roi, self.smoothing, self.smoothing_count_include_pad)
+        size = tuple(roi.shape[-2:])
+        pictures = {name: resize_map(picture.float(), size) for name, picture in extras.items()}
+        return maps, pictures, own
+
+    @property
+    def effective_image_score(self) -> str:
+        """The image score in use: ``image_score`` when set, else ``own`` for a method with its own, else ``max``."""
+        if self.image_score is not None:
+            return self.image_score
+        return OWN if self.own_image_score is not None else "max"
+
+    def image_scores(
+        self, maps: torch.Tensor, valid: torch.Tensor | None = None, own: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``[B]`` image scores of ``[B, 1, H, W]`` final maps by ``effective_image_score`` (over ``valid``
+        pixels if given); ``own`` are the method's own scores of the batch (``OWN_IMAGE_SCORE``)."""
+        if self.effective_image_score != OWN:
+            return reduce_image_scores(maps, self.effective_image_score, self.image_topk, valid)
+        if own is None:
+            raise RuntimeError(f"{type(self).__name__}.raw_anomaly_map returned no '{OWN_IMAGE_SCORE}'")
+        return own.float()
 
     def image_score_name(self) -> str:
-        """How this method scores an image, for the results and the summary (``max``, ``topk_mean 0.1``)."""
-        return self.image_score if self.image_score == "max" else f"{self.image_score} {self.image_topk:g}"
+        """How this method scores an image, for the results and the summary (``max``, ``topk_mean 0.1``, or the
+        method's own, e.g. ``patchcore (own)``)."""
+        score = self.effective_image_score
+        if score == OWN:
+            return f"{self.own_image_score} (own)"
+        return score if score == "max" else f"{score} {self.image_topk:g}"
 
     # ------------------------------------------------------------------------------------------- calibration
     def calibrate(self) -> Calibration:
@@ -236,10 +286,10 @@ class AnomalyMapModule(LightningModule, abc.ABC):
         return plugin.predict_step_context() if self.trainer.predicting else plugin.test_step_context()
 
     def _threshold_step(self, batch: dict[str, Any]) -> None:
-        maps, _ = self.anomaly_map(batch)
+        maps, _, own = self.scored_maps(batch)
         roi = batch["roi"] > 0.5
         self._pixel_quantile.update(maps, valid=roi)
-        self._image_quantile.update(self.image_scores(maps))
+        self._image_quantile.update(self.image_scores(maps, own=own))
 
     # ------------------------------------------------------------------------------------------- test
     @override
@@ -260,9 +310,9 @@ class AnomalyMapModule(LightningModule, abc.ABC):
 
     @override
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        maps, pictures = self.anomaly_map(batch)
+        maps, pictures, own = self.scored_maps(batch)
         valid = batch["roi"] > 0.5 if self.metric_region == "roi" else None
-        metric_scores = self.image_scores(maps, valid)  # before the has_mask restriction below
+        metric_scores = self.image_scores(maps, valid, own)  # before the has_mask restriction below
         has_mask = batch.get("has_mask")
         if has_mask is not None and not bool(has_mask.all()):
             # Anomalous images without ground truth (FolderDataModule, allow_missing_masks): their all-zero
@@ -277,7 +327,7 @@ class AnomalyMapModule(LightningModule, abc.ABC):
             valid=valid,
             image_scores=metric_scores,
         )
-        scores = self.image_scores(maps)
+        scores = self.image_scores(maps, own=own)
         for i, index in enumerate(batch["index"].tolist()):
             self._image_rows.append(
                 {
@@ -295,7 +345,7 @@ class AnomalyMapModule(LightningModule, abc.ABC):
                         "index": index,
                         "category": batch["category"][i],
                         "label": int(batch["label"][i]),
-                        "image": batch["image"][i].float().cpu(),
+                        "image": resize_map(batch["image"][i : i + 1].float(), maps.shape[-2:])[0].cpu(),
                         "mask": batch["mask"][i].float().cpu(),
                         "map": maps[i].float().cpu(),
                         **{name: picture[i].float().cpu() for name, picture in pictures.items()},
@@ -338,11 +388,11 @@ class AnomalyMapModule(LightningModule, abc.ABC):
 
     @override
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
-        maps, _ = self.anomaly_map(batch)
-        scores = self.image_scores(maps)
+        maps, _, own = self.scored_maps(batch)
+        scores = self.image_scores(maps, own=own)
         return {
             "path": list(batch["path"]),
-            "image": batch["image"].float().cpu(),
+            "image": resize_map(batch["image"].float(), maps.shape[-2:]).cpu(),
             "map": maps.float().cpu(),
             "score": scores.float().cpu(),
             "anomalous": (scores > self.calibration["image_threshold"]).cpu(),

@@ -14,8 +14,9 @@ from lsgs.metrics._inputs import check_binary, check_maps, check_pixel_inputs
 from lsgs.metrics._sync import synced_states
 from lsgs.metrics.aupro import AUPRO, aupro_from_state
 from lsgs.metrics.histogram import DEFAULT_NUM_BITS, bin_of_threshold, counts_at_threshold, dice_from_counts
-from lsgs.metrics.image import ImageAUROC, exact_auroc, image_scores_from_maps
+from lsgs.metrics.image import ImageAUROC, exact_auroc
 from lsgs.metrics.pixel import PixelMetrics, metrics_from_histogram
+from lsgs.nn.image_score import image_scores_from_maps
 
 METRIC_NAMES = ("pixel_ap", "pixel_auroc", "dice_best", "dice_best_threshold", "dice_val", "val_threshold",
                 "image_auroc", "aupro")

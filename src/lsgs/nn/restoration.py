@@ -8,7 +8,7 @@ Scoring follows Naval Marimont & Tarroni (ISBI 2021), which the LSGS paper cites
 3. ``restoration_anomaly_map``: ``AS = sum_i w_i |R - Y_i|``, ``w = softmax_i(k / mean|R - Y_i|)``, where the
    reference ``R`` is ``X_hat`` (decoded original codes, paper Eq. 7) or the input ``X`` (Naval Marimont &
    Tarroni's code).
-4. ``smooth_anomaly_map``: MinPool 3x3 then AvgPool 7x7; ``image_scores``: the maximum of the map.
+4. ``smooth_anomaly_map``: MinPool 3x3 then AvgPool 7x7 (the image score of the map: ``lsgs.nn.image_score``).
 
 ``reconstruction_error_map`` is the no-transformer ablation (VQ-VAE reconstruction error alone).
 """
@@ -311,17 +311,3 @@ def smooth_anomaly_map(
             raise ValueError(f"{name} must be an odd positive int (the map keeps its size), got {kernel!r}")
     x = -F.max_pool2d(-anomaly_map, min_kernel, stride=1, padding=min_kernel // 2)
     return F.avg_pool2d(x, avg_kernel, stride=1, padding=avg_kernel // 2, count_include_pad=count_include_pad)
-
-
-def image_scores(anomaly_map: Tensor) -> Tensor:
-    """Image anomaly score: the maximum of the map.
-
-    Args:
-        anomaly_map: [B, C, H, W].
-
-    Returns:
-        [B].
-    """
-    if anomaly_map.dim() != 4:
-        raise ValueError(f"anomaly_map must be [B, C, H, W], got {tuple(anomaly_map.shape)}")
-    return anomaly_map.flatten(1).amax(dim=1)
