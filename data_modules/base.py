@@ -32,7 +32,7 @@ from data_modules.cache import IMAGES, MASKS, ROI, array_path, default_cache_dir
 from data_modules.samplers import EvalDistributedSampler
 from data_modules.transforms import apply_transform, build_transforms
 from lsgs.contracts import predict_split_of
-from lsgs.errors import ConfigError
+from lsgs.errors import ConfigError, DataError
 
 SPLITS = ("train", "train_eval", "val", "test")
 MAX_IMAGE_SIZE = 4096
@@ -68,10 +68,21 @@ class CachedDataset(Dataset):
         entries: cache entry directories.
         items: the split's items, in dataset order.
         transform: albumentations pipeline applied jointly to image, mask and roi (train split only).
+        image_entries: entries holding the same rows decoded at the model's input size, from which `image` is
+            read (None: `entries`); mask and roi always come from `entries` (the evaluation size). A transform
+            then runs on the image and on mask + roi separately with the same seed, so size-independent spatial
+            transforms (flips, rotations) stay aligned.
     """
 
-    def __init__(self, entries: Sequence[Path], items: Sequence[Item], transform: Any = None) -> None:
+    def __init__(
+        self,
+        entries: Sequence[Path],
+        items: Sequence[Item],
+        transform: Any = None,
+        image_entries: Sequence[Path] | None = None,
+    ) -> None:
         self.entries = [Path(e) for e in entries]
+        self.image_entries = [Path(e) for e in image_entries] if image_entries is not None else None
         self.items = list(items)
         self.transform = transform
         self._arrays: dict[int, dict[str, np.ndarray]] = {}
@@ -89,7 +100,10 @@ class CachedDataset(Dataset):
         if arrays is None:
             path = self.entries[entry]
             names = [IMAGES, MASKS] + ([ROI] if array_path(path, ROI).exists() else [])
-            arrays = self._arrays[entry] = open_arrays(path, names)
+            arrays = open_arrays(path, names)
+            if self.image_entries is not None:
+                arrays[IMAGES] = open_arrays(self.image_entries[entry], [IMAGES])[IMAGES]
+            self._arrays[entry] = arrays
         return arrays
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -105,7 +119,13 @@ class CachedDataset(Dataset):
                 image = image.astype(np.float32)
             # A seed from torch's RNG: reproducible under seed_everything, distinct per worker and epoch.
             seed = int(torch.randint(0, 2**31 - 1, ()).item())
-            image, mask, roi = apply_transform(self.transform, image, mask, roi, seed)
+            if image.shape[:2] == mask.shape:
+                image, mask, roi = apply_transform(self.transform, image, mask, roi, seed)
+            else:  # image at the input size, mask and roi at the evaluation size: the same draw for both
+                size = image.shape[:2]
+                image, _, _ = apply_transform(self.transform, image, np.zeros(size, np.uint8), np.ones(size, np.uint8),
+                                              seed)  # fmt: skip
+                _, mask, roi = apply_transform(self.transform, np.zeros_like(mask), mask, roi, seed)
         return {
             "image": image_to_tensor(image),
             "mask": torch.from_numpy(np.ascontiguousarray(mask)).to(torch.float32)[None],
@@ -164,7 +184,11 @@ class AnomalyDataModule(pl.LightningDataModule, abc.ABC):
 
     Args:
         root: data root directory.
-        image_size: side of the square images given to the model, in pixels.
+        image_size: side of the square images given to the model, in pixels, and of the masks and maps the
+            metrics compare (the evaluation size).
+        input_size: None (= image_size), or the side of the images given to the model when it differs from the
+            evaluation size (a feature method at 224 px in a 128 px run): `image` is then resized from the
+            original files to this size and cached separately; `mask` and `roi` stay at `image_size`.
         batch_size: training batch size.
         eval_batch_size: batch size of evaluation loaders (val/test/predict/train_eval); None = batch_size.
         num_workers: DataLoader worker processes (0 = load in the main process).
@@ -186,11 +210,15 @@ class AnomalyDataModule(pl.LightningDataModule, abc.ABC):
         seed: int = 0,
         train_transforms: list[dict] | None = None,
         cache_dir: str | None = None,
+        input_size: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if not isinstance(image_size, int) or not 8 <= image_size <= MAX_IMAGE_SIZE:
-            raise ConfigError(f"image_size must be an int in [8, {MAX_IMAGE_SIZE}], got {image_size!r}")
+        for name, value in (("image_size", image_size), ("input_size", input_size)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or not 8 <= value <= MAX_IMAGE_SIZE
+            ):
+                raise ConfigError(f"{name} must be an int in [8, {MAX_IMAGE_SIZE}], got {value!r}")
         for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ConfigError(f"{name} must be a positive int, got {value!r}")
@@ -199,6 +227,7 @@ class AnomalyDataModule(pl.LightningDataModule, abc.ABC):
         check_fraction("val_fraction", val_fraction)
         self.root = Path(root).expanduser()
         self.image_size = image_size
+        self.input_size = image_size if input_size is None else input_size
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
@@ -207,6 +236,7 @@ class AnomalyDataModule(pl.LightningDataModule, abc.ABC):
         self.cache_root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.train_transform = build_transforms(train_transforms)
         self._entries: list[Path] | None = None
+        self._image_entries: list[Path] | None = None
         self._datasets: dict[str, CachedDataset] | None = None
 
     # ----------------------------------------------------------------------------------------- subclass API
@@ -232,6 +262,28 @@ class AnomalyDataModule(pl.LightningDataModule, abc.ABC):
     def prepare_data(self) -> None:
         """Validate the data on disk and build the cache (Lightning calls this on local rank 0 only)."""
         self._entries = self._build_cache()
+        self._image_entries = self._input_size_entries(self._entries)
+
+    def _input_size_entries(self, entries: list[Path]) -> list[Path] | None:
+        """The same cache entries decoded at `input_size` (None when it is the evaluation size): the subclass's
+        own `_build_cache` run at that size, so the images are resized from the original files."""
+        if self.input_size == self.image_size:
+            return None
+        evaluation_size = self.image_size
+        self.image_size = self.input_size
+        try:
+            resized = self._build_cache()
+        finally:
+            self.image_size = evaluation_size
+        for entry, other in zip(entries, resized, strict=True):
+            rows, other_rows = (open_arrays(e, [IMAGES])[IMAGES].shape[0] for e in (entry, other))
+            if rows != other_rows:
+                raise DataError(
+                    f"input_size={self.input_size}: the data decoded at that size has {other_rows} rows where "
+                    f"image_size={evaluation_size} has {rows} ({entry.name}); this data set selects its items by "
+                    "size, so its methods must run at image_size"
+                )
+        return resized
 
     def setup(self, stage: str | None = None) -> None:
         """Open the cache (building it if `prepare_data` did not run here) and make the splits.
@@ -242,13 +294,14 @@ class AnomalyDataModule(pl.LightningDataModule, abc.ABC):
             return
         if self._entries is None:
             self._entries = self._build_cache()
+            self._image_entries = self._input_size_entries(self._entries)
         splits = self._make_splits(self._entries)
-        entries = self._entries
+        entries, images = self._entries, self._image_entries
         self._datasets = {
-            "train": CachedDataset(entries, splits["train"], self.train_transform),
-            "train_eval": CachedDataset(entries, splits["train"], None),
-            "val": CachedDataset(entries, splits["val"], None),
-            "test": CachedDataset(entries, splits["test"], None),
+            "train": CachedDataset(entries, splits["train"], self.train_transform, images),
+            "train_eval": CachedDataset(entries, splits["train"], None, images),
+            "val": CachedDataset(entries, splits["val"], None, images),
+            "test": CachedDataset(entries, splits["test"], None, images),
         }
 
     def dataset(self, split: str) -> CachedDataset:

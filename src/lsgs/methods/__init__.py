@@ -1,6 +1,6 @@
 """Anomaly-detection methods evaluated by the shared harness (``lsgs.evaluation``) besides LSGS.
 
-Simple baselines with the same data modules, ROI masking and smoothing, calibration on validation normals,
+The built-in baselines, with the same data modules, ROI masking and smoothing, calibration on validation normals,
 metrics and output files as LSGS; a method that does not beat these floors is not worth its complexity:
 
 - ``intensity`` (``intensity.py``): the image itself, standardised with training statistics.
@@ -10,9 +10,10 @@ metrics and output files as LSGS; a method that does not beat these floors is no
 
 ``base.py`` holds what they share, ``statistics.py`` the pure maths of the statistical two.
 
-``BUILTIN_METHODS`` maps each built-in method's name (the ``baselines.<name>`` key of an experiment config) to the
-``class_path`` of its LightningModule. The registry (``lsgs.methods.registry``) reads it; a new method is one
-module plus one entry here (or one entry registered from outside ``lsgs``).
+``BUILTIN_METHODS`` maps each built-in method's name (its ``methods.<name>`` key in an experiment config) to the
+``class_path`` of its LightningModule, so every experiment parser declares it (``--methods.<name>.*`` overrides
+work without a config entry). A method of your own needs no entry here: its config entry registers it
+(``lsgs.methods.registry``).
 """
 
 BUILTIN_METHODS: dict[str, str] = {
