@@ -304,6 +304,13 @@ class AnomalyDataModule(pl.LightningDataModule, abc.ABC):
             "test": CachedDataset(entries, splits["test"], None, images),
         }
 
+    def image_cache_entries(self) -> list[Path]:
+        """The cache entries the model's images are read from (at `input_size`); their names are content keys of
+        the data and its preprocessing, so a cache derived from the images (backbone features) keys on them."""
+        self.setup()
+        assert self._entries is not None
+        return list(self._image_entries if self._image_entries is not None else self._entries)
+
     def dataset(self, split: str) -> CachedDataset:
         """The dataset of a split ("train", "train_eval", "val", "test"); runs `setup()` if needed."""
         if split not in SPLITS:

@@ -45,6 +45,7 @@ _NPY_HEADER_BYTES = 128  # fixed .npy v1.0 header size, a multiple of 64 as the 
 IMAGES = "images"
 MASKS = "masks"
 ROI = "roi"  # optional: an entry without it has an all-ones region of interest
+FEATURES = "features"  # a feature-cache entry: frozen-backbone features of one split, in dataset order
 ARRAY_SUFFIX = ".npy"
 
 
