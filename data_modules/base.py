@@ -186,7 +186,7 @@ class AnomalyDataModule(pl.LightningDataModule, abc.ABC):
         root: data root directory.
         image_size: side of the square images given to the model, in pixels, and of the masks and maps the
             metrics compare (the evaluation size).
-        input_size: None (= image_size), or the side of the images given to the model when it differs from the
+        model_input_size: None (= image_size), or the side of the images given to the model when it differs from the
             evaluation size (a feature method at 224 px in a 128 px run): `image` is then resized from the
             original files to this size and cached separately; `mask` and `roi` stay at `image_size`.
         batch_size: training batch size.
@@ -210,11 +210,11 @@ class AnomalyDataModule(pl.LightningDataModule, abc.ABC):
         seed: int = 0,
         train_transforms: list[dict] | None = None,
         cache_dir: str | None = None,
-        input_size: int | None = None,
+        model_input_size: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        for name, value in (("image_size", image_size), ("input_size", input_size)):
+        for name, value in (("image_size", image_size), ("model_input_size", model_input_size)):
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, int) or not 8 <= value <= MAX_IMAGE_SIZE
             ):
@@ -227,7 +227,7 @@ class AnomalyDataModule(pl.LightningDataModule, abc.ABC):
         check_fraction("val_fraction", val_fraction)
         self.root = Path(root).expanduser()
         self.image_size = image_size
-        self.input_size = image_size if input_size is None else input_size
+        self.input_size = image_size if model_input_size is None else model_input_size
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
@@ -265,7 +265,7 @@ class AnomalyDataModule(pl.LightningDataModule, abc.ABC):
         self._image_entries = self._input_size_entries(self._entries)
 
     def _input_size_entries(self, entries: list[Path]) -> list[Path] | None:
-        """The same cache entries decoded at `input_size` (None when it is the evaluation size): the subclass's
+        """The same cache entries decoded at `model_input_size` (None when it is the evaluation size): the subclass's
         own `_build_cache` run at that size, so the images are resized from the original files."""
         if self.input_size == self.image_size:
             return None
@@ -279,7 +279,7 @@ class AnomalyDataModule(pl.LightningDataModule, abc.ABC):
             rows, other_rows = (open_arrays(e, [IMAGES])[IMAGES].shape[0] for e in (entry, other))
             if rows != other_rows:
                 raise DataError(
-                    f"input_size={self.input_size}: the data decoded at that size has {other_rows} rows where "
+                    f"model_input_size={self.input_size}: the data decoded at that size has {other_rows} rows where "
                     f"image_size={evaluation_size} has {rows} ({entry.name}); this data set selects its items by "
                     "size, so its methods must run at image_size"
                 )
@@ -305,7 +305,7 @@ class AnomalyDataModule(pl.LightningDataModule, abc.ABC):
         }
 
     def image_cache_entries(self) -> list[Path]:
-        """The cache entries the model's images are read from (at `input_size`); their names are content keys of
+        """The cache entries the model's images are read from (at `model_input_size`); their names are content keys of
         the data and its preprocessing, so a cache derived from the images (backbone features) keys on them."""
         self.setup()
         assert self._entries is not None

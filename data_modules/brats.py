@@ -333,7 +333,7 @@ class BraTSDataModule(AnomalyDataModule):
         seed: int = 0,
         train_transforms: list[dict] | None = None,
         cache_dir: str | None = None,
-        input_size: int | None = None,
+        model_input_size: int | None = None,
     ) -> None:
         super().__init__(
             root=root,
@@ -345,7 +345,7 @@ class BraTSDataModule(AnomalyDataModule):
             seed=seed,
             train_transforms=train_transforms,
             cache_dir=cache_dir,
-            input_size=input_size,
+            model_input_size=model_input_size,
         )
         check_fraction("test_fraction", test_fraction)
         if not isinstance(min_brain_fraction, (int, float)) or not 0.0 <= min_brain_fraction <= 1.0:

@@ -51,7 +51,7 @@ class ImageFolderDataModule(AnomalyDataModule):
         seed: int = 0,
         train_transforms: list[dict] | None = None,
         cache_dir: str | None = None,
-        input_size: int | None = None,
+        model_input_size: int | None = None,
     ) -> None:
         super().__init__(
             root=root,
@@ -63,7 +63,7 @@ class ImageFolderDataModule(AnomalyDataModule):
             seed=seed,
             train_transforms=train_transforms,
             cache_dir=cache_dir,
-            input_size=input_size,
+            model_input_size=model_input_size,
         )
         if channels not in (1, 3):
             raise ConfigError(f"channels must be 1 or 3, got {channels!r}")

@@ -195,7 +195,7 @@ class MVTecDataModule(AnomalyDataModule):
         seed: int = 0,
         train_transforms: list[dict] | None = None,
         cache_dir: str | None = None,
-        input_size: int | None = None,
+        model_input_size: int | None = None,
     ) -> None:
         super().__init__(
             root=root,
@@ -207,7 +207,7 @@ class MVTecDataModule(AnomalyDataModule):
             seed=seed,
             train_transforms=train_transforms,
             cache_dir=cache_dir,
-            input_size=input_size,
+            model_input_size=model_input_size,
         )
         self.category = category
         self._categories: list[str] | None = None

@@ -152,7 +152,7 @@ class MVTec3DDataModule(MVTecDataModule):
         seed: int = 0,
         train_transforms: list[dict] | None = None,
         cache_dir: str | None = None,
-        input_size: int | None = None,
+        model_input_size: int | None = None,
     ) -> None:
         super().__init__(
             root=root,
@@ -165,7 +165,7 @@ class MVTec3DDataModule(MVTecDataModule):
             seed=seed,
             train_transforms=train_transforms,
             cache_dir=cache_dir,
-            input_size=input_size,
+            model_input_size=model_input_size,
         )
 
     @property

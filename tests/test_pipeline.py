@@ -358,14 +358,18 @@ def test_ablations_write_their_tables(
 
 
 # The AE/VAE take the tiny VQ-VAE's shape from the pipeline (pipeline_defaults); one epoch is enough here.
-TINY_METHODS = [f"--methods.{name}.trainer.max_epochs=1" for name in ("ae", "vae")]
+# PatchCore at 64 px (8x8 and 4x4 backbone maps) keeps its memory bank and coreset small.
+TINY_METHODS = [
+    *(f"--methods.{name}.trainer.max_epochs=1" for name in ("ae", "vae")),
+    "--methods.patchcore.model.init_args.input_size=64",
+]
 
 
 def test_methods_join_the_summary_and_the_report(tiny_run: Path, tiny_run_with_methods: Path) -> None:
     run_dir = tiny_run_with_methods  # the default run (no --stages) with the methods on, over a copy of tiny_run
     assert done_mtimes(run_dir) == done_mtimes(tiny_run)  # the finished LSGS stages were skipped, not re-run
     scoring = json.loads((run_dir / "scoring" / "results.json").read_text())
-    for name in ("intensity", "pixel_gaussian", "ae", "vae"):
+    for name in ("intensity", "pixel_gaussian", "ae", "vae", "patchcore"):
         results = json.loads((run_dir / "methods" / name / "results.json").read_text())
         assert results["method"] == name
         # Same harness settings and the same calibration protocol as LSGS.
@@ -375,11 +379,12 @@ def test_methods_join_the_summary_and_the_report(tiny_run: Path, tiny_run_with_m
     with (run_dir / "summary.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert [(r["method"], r["kind"]) for r in rows] == [
-        ("LSGS", "method"), ("ae", "baseline"), ("intensity", "baseline"), ("pixel_gaussian", "baseline"),
-        ("vae", "baseline")]  # fmt: skip
-    assert {r["image_score"] for r in rows} == {"max"}
+        ("LSGS", "method"), ("ae", "baseline"), ("intensity", "baseline"), ("patchcore", "baseline"),
+        ("pixel_gaussian", "baseline"), ("vae", "baseline")]  # fmt: skip
+    assert {r["method"]: r["image_score"] for r in rows if r["method"] in ("LSGS", "patchcore")} == {
+        "LSGS": "max", "patchcore": "patchcore (own)"}
     report = (run_dir / "report.html").read_text()
-    assert report.count("data:image/png;base64,") >= 2 + 6 * 5  # curves + 6 panels x 5 methods
+    assert report.count("data:image/png;base64,") >= 2 + 6 * 6  # curves + 6 panels x 6 methods
 
 
 def nut_test_images(demo_mvtec_root: Path, folder: Path) -> dict[str, Path]:
@@ -406,7 +411,7 @@ def run_detect(run_dir: Path, images: Path, out: Path, method: str) -> list[dict
         return list(csv.DictReader(handle))
 
 
-@pytest.mark.parametrize("method", ["intensity", "pixel_gaussian", "ae", "vae"])
+@pytest.mark.parametrize("method", ["intensity", "pixel_gaussian", "ae", "vae", "patchcore"])
 def test_detect_scores_test_images_as_the_method_s_stage_did(
     tiny_run_with_methods: Path, tmp_path: Path, demo_mvtec_root: Path, method: str
 ) -> None:

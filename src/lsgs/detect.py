@@ -101,6 +101,7 @@ def detect(
         channels=model.num_image_channels,
         recursive=recursive,
         image_size=int(data_args.get("image_size", 128)),
+        model_input_size=data_args.get("model_input_size"),
         batch_size=batch_size,
         cache_dir=data_args.get("cache_dir"),
     )

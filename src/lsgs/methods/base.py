@@ -38,6 +38,10 @@ class MethodModule(AnomalyMapModule):
 
     _fit_hint = "fit it first"
     requires_fit = False  # the pipeline runs trainer.fit before trainer.test when True
+    # True for a method whose learned state comes from the evaluation's own passes (statistics, a memory bank):
+    # the harness then writes it as the stage's checkpoint (``learned_state``). A method trained by
+    # ``trainer.fit`` has the runner's training checkpoint instead.
+    learns_in_evaluation = False
 
     def __init__(self, in_channels: int = 3, init_from: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -124,6 +128,17 @@ class MethodModule(AnomalyMapModule):
         if "hyper_parameters" in checkpoint:
             checkpoint["hyper_parameters"]["init_from"] = None
 
+    @override
+    def learned_state(self) -> dict[str, Any] | None:
+        if not self.learns_in_evaluation or not bool(self.fitted):
+            return None
+        checkpoint = {
+            "state_dict": {key: value.detach().cpu() for key, value in self.state_dict().items()},
+            "hyper_parameters": dict(self.hparams),
+        }
+        self.on_save_checkpoint(checkpoint)
+        return checkpoint
+
     @classmethod
     @override
     def loading_arguments(cls, stage: StageLayout) -> dict[str, Any]:
@@ -156,6 +171,7 @@ class StatisticsBaseline(MethodModule):
     """
 
     kind = "baseline"
+    learns_in_evaluation = True
     _statistics: tuple[str, ...] = ()
     _counted = "values"  # what the count of ``_batch_sums`` counts, for messages
     # With model.calibration given the harness skips every calibration pass, statistics included.
@@ -201,18 +217,6 @@ class StatisticsBaseline(MethodModule):
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.categories = list(checkpoint.get("lsgs", {}).get("categories", []))
-
-    @override
-    def learned_state(self) -> dict[str, Any] | None:
-        # The statistics are computed by the evaluation itself: keep them, as a checkpoint init_from reads.
-        if not bool(self.fitted):
-            return None
-        checkpoint = {
-            "state_dict": {key: value.detach().cpu() for key, value in self.state_dict().items()},
-            "hyper_parameters": dict(self.hparams),
-        }
-        self.on_save_checkpoint(checkpoint)
-        return checkpoint
 
     def category_indices(self, batch: dict[str, Any], device: torch.device) -> Tensor:
         """``[B]`` row of each image's statistics, from ``batch["category"]`` (all 0 without ``per_category``).

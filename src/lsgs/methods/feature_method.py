@@ -23,7 +23,7 @@ class FeatureMethod(MethodModule):
 
     The method works at its own ``input_size`` (ImageNet backbones see 224 px) while masks and metrics stay at the
     run's evaluation size: the pipeline gives its stage images resized from the original files to ``input_size``
-    (``data.input_size``), and the harness resizes its maps back. Grayscale images are repeated to three channels,
+    (``data.model_input_size``), and the harness resizes its maps back. Grayscale images are repeated to three channels,
     as ImageNet backbones need. Its maps are post-processed by the method itself (no MinPool/AvgPool smoothing
     unless the experiment imposes it).
 
@@ -65,7 +65,7 @@ class FeatureMethod(MethodModule):
         if size is not None and size != self.input_size:
             raise ConfigError(
                 f"model.input_size={self.input_size} but {type(datamodule).__name__} gives {size} px images; set "
-                f"data.input_size={self.input_size} (the pipeline does this for a method stage)"
+                f"data.model_input_size={self.input_size} (the pipeline does this for a method stage)"
             )
 
     def backbone_features(self, images: Tensor) -> list[Tensor]:
@@ -73,7 +73,8 @@ class FeatureMethod(MethodModule):
         if images.shape[-1] != self.input_size or images.shape[-2] != self.input_size:
             raise DataError(
                 f"{self.method_name}: images of {tuple(images.shape[-2:])} px where model.input_size="
-                f"{self.input_size}; the data module must give images at the method's input size (data.input_size)"
+                f"{self.input_size}; the data module must give images at the method's input size "
+                "(data.model_input_size)"
             )
         if images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)

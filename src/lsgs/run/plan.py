@@ -222,7 +222,7 @@ def _stage_config(config: Namespace, stage: str, data_channels: int | None) -> d
     if stage.startswith(f"{METHOD_STAGE_PREFIX}.") and init_args.get("input_size") is not None:
         # A method at its own input size gets its images resized from the originals to that size; masks and
         # metrics stay at the run's evaluation size (data.image_size).
-        data.setdefault("init_args", {})["input_size"] = init_args["input_size"]
+        data.setdefault("init_args", {})["model_input_size"] = init_args["input_size"]
     trainer = {**trainer, **namespace_to_dict(config.trainer or {})}
     return {
         "seed_everything": config.seed_everything,
