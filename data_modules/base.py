@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from data_modules.cache import IMAGES, MASKS, ROI, array_path, default_cache_dir, open_arrays
+from data_modules.image_io import image_to_tensor
 from data_modules.samplers import EvalDistributedSampler
 from data_modules.transforms import apply_transform, build_transforms
 from lsgs.contracts import predict_split_of
@@ -143,24 +144,6 @@ class CachedDataset(Dataset):
         }
 
 
-def image_to_tensor(image: np.ndarray) -> torch.Tensor:
-    """Cached image to the batch layout.
-
-    Args:
-        image: [H, W, C] or [H, W]; uint8 (scaled by 1/255) or float (kept).
-
-    Returns:
-        float32 [C, H, W].
-    """
-    t = torch.from_numpy(np.ascontiguousarray(image))
-    t = t.to(torch.float32)
-    if image.dtype == np.uint8:
-        t = t.div_(255.0)
-    if t.ndim == 2:
-        return t[None]
-    return t.permute(2, 0, 1).contiguous()  # [H, W, C] -> [C, H, W]
-
-
 def n_holdout(n: int, fraction: float) -> int:
     """How many of `n` items a fraction holds out: round(fraction * n), at least 1 when fraction > 0, and
     always leaving at least one item behind."""
@@ -213,7 +196,9 @@ class AnomalyDataModule(pl.LightningDataModule, abc.ABC):
         input_size: int | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # input_size is left out: Lightning refuses a data-module hparam whose name a model shares with another
+        # value (the VQ-VAE records its own input_size), and the stage's config.yaml records it anyway.
+        self.save_hyperparameters(ignore=["input_size"])
         for name, value in (("image_size", image_size), ("input_size", input_size)):
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, int) or not 8 <= value <= MAX_IMAGE_SIZE
