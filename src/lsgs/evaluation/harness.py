@@ -27,15 +27,14 @@ from lsgs.io import read_json
 from lsgs.layout import StageLayout
 from lsgs.metrics import AnomalyMetrics, ScoreQuantile
 from lsgs.nn.anomaly_map import final_anomaly_map, resize_map
-from lsgs.nn.export import MethodExport
-from lsgs.nn.image_score import IMAGE_SCORES, reduce_image_scores
+from lsgs.nn.export import IMAGE_SCORE, MethodExport
+from lsgs.nn.image_score import IMAGE_SCORES, OWN, reduce_image_scores
 from lsgs.progress import progress
 
 METRIC_REGIONS = ("all", "roi")
-# The key of a method's own [B] image scores among the extras ``raw_anomaly_map`` returns, and the value of
-# ``effective_image_score`` that uses them.
-OWN_IMAGE_SCORE = "image_score"
-OWN = "own"
+# The key of a method's own [B] image scores among the extras ``raw_anomaly_map`` returns: the name of the same
+# output of an exported graph. ``effective_image_score`` is ``OWN`` when they score the images.
+OWN_IMAGE_SCORE = IMAGE_SCORE
 # What calibration on the validation normals set (``calibration.json``): ``val_threshold``, ``image_threshold``,
 # ``val_quantile``, ``image_quantile``, ``image_score_std`` (the standard deviation of the normals' image scores,
 # the scale of the ``Inferencer``'s normalised score) (numbers), and what a method adds (LSGS: ``nll_threshold``,
