@@ -122,9 +122,10 @@ def load_batch(x: Any, size: int, channels: int) -> tuple[torch.Tensor, list[tup
 
 
 def as_per_image(value: Any, count: int, name: str) -> Sequence[Any]:
-    """``value`` repeated for ``count`` images, or ``value`` itself when it is a list/tuple of ``count``."""
-    if isinstance(value, list | tuple):
+    """``value`` repeated for ``count`` images, or ``value`` itself when it is a sequence (list, tuple, range, 1-D
+    array) of ``count``."""
+    if isinstance(value, list | tuple | range) or (isinstance(value, np.ndarray) and value.ndim == 1):
         if len(value) != count:
             raise DataError(f"predict got {len(value)} values of {name} for {count} images")
-        return list(value)
+        return [v.item() if isinstance(v, np.generic) else v for v in value]
     return [value] * count

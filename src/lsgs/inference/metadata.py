@@ -8,7 +8,8 @@ export, ``file``), ``format``, ``input`` (``size``, ``channels``, ``layout``, ``
 ``{category: number}`` table or null), ``calibration`` (the stage's whole ``calibration.json``), ``scoring``
 (``smoothing``, ``smoothing_count_include_pad``, ``image_score``, ``image_topk`` and the runtime's own options:
 LSGS's ``num_restorations``, ``softmax_k``, ``temperature``, ``map_reference``, ``reconstruction_weight``,
-``seed``, ``code_grid``), ``categories``, ``seed_rule`` and ``versions``. No absolute path: graph files are
+``seed``, ``code_grid``), ``categories``, ``seed_rule``, ``versions`` and, in an export, ``onnx_exporter``
+(``dynamo`` or ``legacy``; null for TorchScript). No absolute path: graph files are
 named relative to the export folder.
 """
 
