@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from data_modules.cache import IMAGES, MASKS, ROI, array_path, default_cache_dir, open_arrays
+from data_modules.image_io import image_to_tensor
 from data_modules.samplers import EvalDistributedSampler
 from data_modules.transforms import apply_transform, build_transforms
 from lsgs.contracts import predict_split_of
@@ -141,24 +142,6 @@ class CachedDataset(Dataset):
             "index": index,
             "has_mask": item.has_mask,
         }
-
-
-def image_to_tensor(image: np.ndarray) -> torch.Tensor:
-    """Cached image to the batch layout.
-
-    Args:
-        image: [H, W, C] or [H, W]; uint8 (scaled by 1/255) or float (kept).
-
-    Returns:
-        float32 [C, H, W].
-    """
-    t = torch.from_numpy(np.ascontiguousarray(image))
-    t = t.to(torch.float32)
-    if image.dtype == np.uint8:
-        t = t.div_(255.0)
-    if t.ndim == 2:
-        return t[None]
-    return t.permute(2, 0, 1).contiguous()  # [H, W, C] -> [C, H, W]
 
 
 def n_holdout(n: int, fraction: float) -> int:

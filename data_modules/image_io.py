@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
+import torch
 from PIL import Image
 
 from lsgs.errors import DataError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+RESAMPLE = Image.Resampling.BILINEAR  # the resize filter of images (masks: nearest neighbour, data_modules.masks)
 _READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, zlib.error, Image.DecompressionBombError)
 
 T = TypeVar("T")
@@ -104,12 +106,51 @@ def read_image(path: Path, size: int, channels: int = 3) -> tuple[np.ndarray, tu
     Raises:
         DataError: the file cannot be decoded.
     """
-    img = to_8bit(open_image(path))
-    original = img.size
-    img = img.convert("RGB" if channels == 3 else "L")
+    img = open_image(path)
+    return prepare_image(img, size, channels), img.size
+
+
+def prepare_image(img: Image.Image, size: int, channels: int = 3) -> np.ndarray:
+    """What ``read_image`` does after decoding: 8-bit (``to_8bit``), RGB (grayscale replicated, alpha dropped)
+    or L, bilinear resize to size x size. The ``Inferencer`` prepares images in memory with it, so an array and
+    the same pixels written to a file give the model the same input.
+
+    Returns:
+        [size, size, 3] uint8 if channels == 3 else [size, size] uint8.
+    """
+    img = to_8bit(img).convert("RGB" if channels == 3 else "L")
     if img.size != (size, size):
-        img = img.resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(img, dtype=np.uint8), original
+        img = img.resize((size, size), RESAMPLE)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def resize_float_planes(planes: np.ndarray, size: int) -> np.ndarray:
+    """``[C, H, W]`` float planes resized to ``[C, size, size]`` float32 by the filter ``prepare_image`` uses (PIL
+    bilinear on 32-bit float planes, no rounding to 8 bits); unchanged (as float32) at that size already."""
+    planes = planes.astype(np.float32, copy=False)
+    if planes.shape[1:] == (size, size):
+        return planes
+    return np.stack(
+        [np.asarray(Image.fromarray(plane).resize((size, size), RESAMPLE)) for plane in planes]  # float32 -> "F"
+    )
+
+
+def image_to_tensor(image: np.ndarray) -> torch.Tensor:
+    """Cached image to the batch layout.
+
+    Args:
+        image: [H, W, C] or [H, W]; uint8 (scaled by 1/255) or float (kept).
+
+    Returns:
+        float32 [C, H, W].
+    """
+    t = torch.from_numpy(np.ascontiguousarray(image))
+    t = t.to(torch.float32)
+    if image.dtype == np.uint8:
+        t = t.div_(255.0)
+    if t.ndim == 2:
+        return t[None]
+    return t.permute(2, 0, 1).contiguous()  # [H, W, C] -> [C, H, W]
 
 
 def parallel_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:

@@ -235,6 +235,8 @@ def test_thresholds_are_quantiles_of_validation_normals_and_test_data_is_not_rea
     assert calibration["val_threshold"] != bin_edge_quantile(np.concatenate(all_pixels), 0.95)  # roi matters
     assert calibration["image_threshold"] == bin_edge_quantile(np.concatenate(image_scores), 0.5)
     assert calibration["image_quantile"] == 0.5
+    # The scale of the Inferencer's normalised score: the population standard deviation of the same image scores.
+    assert calibration["image_score_std"] == pytest.approx(float(np.std(np.concatenate(image_scores))), rel=1e-6)
 
 
 def test_outputs_are_written(scored: Scored) -> None:
@@ -333,6 +335,15 @@ def test_every_attention_setting_produces_results(
     assert results["num_test_images"] == TEST_IMAGES
     assert ("nll_threshold" in results["calibration"]) == (attention != "none")
     assert math.isfinite(results["pooled"]["pixel_auroc"]) and math.isfinite(results["pooled"]["image_auroc"])
+    # Export (lsgs export, Inferencer): one map graph without a transformer, the restoration graphs with the
+    # global one; the causal restoration runs position by position and is refused in one line.
+    if attention == "causal":
+        with pytest.raises(ConfigError, match=r"lsgs-causal method \(attention='causal'\) cannot be exported"):
+            module.export_graphs(32)
+    else:
+        export = module.export_graphs(32)
+        assert (export.runtime, sorted(export.graphs)) == (
+            ("map", ["map"]) if attention == "none" else ("restoration", ["decoder", "encoder", "transformer"]))
 
 
 def test_restoration_repairs_an_implanted_foreign_patch(

@@ -252,6 +252,9 @@ def test_two_process_ddp_run_equals_the_single_process_run(
         assert all(f"[lsgs] {stage}: starting" in stdout for stage in STAGES), (rank, stdout[-2000:])
         assert ("run directory:" in stdout) == (rank == 0), rank
     assert_close(metrics_of(run_dir), metrics_of(tiny_run), tol=1e-4)
+    # Relative too for the normals' image-score spread, summed over the ranks (LSGS's tiny maps are ~1e-3).
+    std = [metrics_of(run)["calibration"]["image_score_std"] for run in (run_dir, tiny_run)]
+    assert std[0] == pytest.approx(std[1], rel=1e-3)
     assert json.loads((run_dir / "vqvae" / "done.json").read_text())["environment"]["world_size"] == 2
     # Only rank 0 wrote results, and nothing was written twice under another name.
     assert sorted(p.name for p in (run_dir / "scoring").glob("results*")) == [
@@ -286,6 +289,7 @@ def test_help_on_every_command(capsys: pytest.CaptureFixture[str]) -> None:
         ("pipeline", "--help"): ["usage: lsgs pipeline", "--run_dir RUN_DIR", "--vqvae.model"],
         ("ablate", "--help"): ["usage: lsgs ablate {codebook,attention} --config EXPERIMENT.yaml"],
         ("detect", "--help"): ["usage: lsgs detect", "--run_dir", "--images", "--method"],
+        ("export", "--help"): ["usage: lsgs export", "--run_dir", "--method", "--format", "--onnx_exporter"],
         ("report", "--help"): ["usage: lsgs report", "--run_dir"],
         ("study", "--help"): ["usage: lsgs study", "--run_dir", "--grid"],
         ("fit", "--help"): [" fit [-c CONFIG]", "--trainer.max_epochs"],

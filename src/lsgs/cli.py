@@ -4,6 +4,7 @@
     lsgs pipeline --config EXPERIMENT.yaml [--vqvae.model.x=...]        all stages of an experiment, resumable
     lsgs ablate {codebook,attention} --config EXPERIMENT.yaml            the paper's Tables 3 and 4
     lsgs detect --run_dir RUN --images FOLDER [--method NAME]            heatmaps + scores for unlabelled images
+    lsgs export --run_dir RUN --method NAME --format onnx|openvino|torchscript   graphs + metadata.json for deployment
     lsgs report --run_dir RUN                                            summary table + self-contained HTML report
     lsgs study scoring --run_dir RUN --grid '{"map_reference": [...]}'   re-score a run over a grid of scoring options
 
@@ -43,6 +44,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             from lsgs.detect import main as detect_main
 
             detect_main(argv[1:])
+        elif command == "export":
+            from lsgs.export import main as export_main
+
+            export_main(argv[1:])
         elif command == "study":
             from lsgs.study import main as study_main
 

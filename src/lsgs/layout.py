@@ -17,6 +17,7 @@ A run folder (``runs/<name>`` unless ``--run_dir`` says otherwise)::
     ablations/<table>.{md,csv}, ablations/<table>-<variant>/   ``lsgs ablate``
     studies/<name>.{md,csv}, studies/<name>/rows/, studies/repro/<row>/   ``lsgs study``
     detect/<images folder>/        ``lsgs detect`` (scores.csv, thresholds.txt, *_heatmap.png)
+    exports/<method>-<format>/     ``lsgs export`` (metadata.json and the graphs, ``ExportLayout``)
 
 This module sits in the lowest layer (it imports nothing of the project), so the evaluation harness, the runner,
 the reports and the command-line tools all take their file names from here. No other file spells them.
@@ -272,6 +273,11 @@ class RunLayout:
     def detect_dir(self, images: str | Path) -> Path:
         return self.root / "detect" / Path(images).resolve().name
 
+    # export
+    def export_dir(self, method: str, export_format: str) -> Path:
+        """The default folder of ``lsgs export``: ``exports/<method>-<format>``."""
+        return self.root / "exports" / f"{method}-{export_format}"
+
 
 @dataclass(frozen=True)
 class DetectLayout:
@@ -289,6 +295,32 @@ class DetectLayout:
 
     def heatmap(self, image_path: str | Path) -> Path:
         return self.folder / f"{Path(image_path).stem}_heatmap.png"
+
+
+# The files of each export format besides the metadata: graph name -> file names (OpenVINO IR: model + weights).
+EXPORT_GRAPH_SUFFIXES = {"onnx": (".onnx",), "openvino": (".xml", ".bin"), "torchscript": (".pt",)}
+
+
+@dataclass(frozen=True)
+class ExportLayout:
+    """The files of an export folder (``lsgs export``): ``metadata.json`` and one file (ONNX, TorchScript) or two
+    (OpenVINO IR ``.xml`` + ``.bin``) per graph, named after the graph. Names only, relative to the folder, so the
+    folder can be copied anywhere."""
+
+    folder: Path
+
+    @property
+    def metadata(self) -> Path:
+        return self.folder / "metadata.json"
+
+    @staticmethod
+    def graph_file(graph: str, export_format: str) -> str:
+        """The file name (relative to the folder) the runtime opens for ``graph`` in ``export_format``."""
+        return f"{graph}{EXPORT_GRAPH_SUFFIXES[export_format][0]}"
+
+    def graph_files(self, graph: str, export_format: str) -> list[Path]:
+        """Every file ``graph`` has in ``export_format`` (what a copy of the export must keep)."""
+        return [self.folder / f"{graph}{suffix}" for suffix in EXPORT_GRAPH_SUFFIXES[export_format]]
 
 
 def method_stage_key(name: str) -> str:

@@ -9,6 +9,7 @@ every method of ``lsgs.methods`` subclass it, so every method's numbers come out
 from __future__ import annotations
 
 import abc
+import math
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -26,17 +27,18 @@ from lsgs.io import read_json
 from lsgs.layout import StageLayout
 from lsgs.metrics import AnomalyMetrics, ScoreQuantile
 from lsgs.nn.anomaly_map import final_anomaly_map, resize_map
-from lsgs.nn.image_score import IMAGE_SCORES, reduce_image_scores
+from lsgs.nn.export import IMAGE_SCORE, MethodExport
+from lsgs.nn.image_score import IMAGE_SCORES, OWN, reduce_image_scores
 from lsgs.progress import progress
 
 METRIC_REGIONS = ("all", "roi")
-# The key of a method's own [B] image scores among the extras ``raw_anomaly_map`` returns, and the value of
-# ``effective_image_score`` that uses them.
-OWN_IMAGE_SCORE = "image_score"
-OWN = "own"
+# The key of a method's own [B] image scores among the extras ``raw_anomaly_map`` returns: the name of the same
+# output of an exported graph. ``effective_image_score`` is ``OWN`` when they score the images.
+OWN_IMAGE_SCORE = IMAGE_SCORE
 # What calibration on the validation normals set (``calibration.json``): ``val_threshold``, ``image_threshold``,
-# ``val_quantile``, ``image_quantile`` (numbers), and what a method adds (LSGS: ``nll_threshold``, or
-# ``nll_thresholds``, a ``{category: threshold}`` table).
+# ``val_quantile``, ``image_quantile``, ``image_score_std`` (the standard deviation of the normals' image scores,
+# the scale of the ``Inferencer``'s normalised score) (numbers), and what a method adds (LSGS: ``nll_threshold``,
+# or ``nll_thresholds``, a ``{category: threshold}`` table).
 Calibration = dict[str, float | dict[str, float]]
 
 
@@ -176,6 +178,42 @@ class AnomalyMapModule(LightningModule, abc.ABC):
         (``load_method``): e.g. ``init_from`` its learned state. Raises ``ConfigError`` when the folder lacks it."""
         return {}
 
+    def export_graphs(self, input_size: int) -> MethodExport:
+        """The method as pure torch graphs, for ``lsgs export`` (ONNX, OpenVINO, TorchScript) and the
+        ``lsgs.Inferencer``, which runs them (eager, onnxruntime, OpenVINO, TorchScript) without Lightning or this
+        harness. The contract (``lsgs.nn.export``):
+
+        - Every graph is a plain ``nn.Module`` in eval mode, traceable by ``torch.jit.trace`` and both ONNX
+          exporters: no Lightning, no Python-side value checks while tracing (``lsgs.nn.tracing.is_tracing``), no
+          loop whose length depends on the batch. Axis 0 of every input and output is the batch (dynamic); the
+          other axes are fixed by the examples. A graph returns a tensor, or a tuple in ``outputs`` order.
+        - ``MethodExport.runtime`` says how the runtime combines the graphs:
+          ``map`` (one graph ``map``): ``images`` ``[B, C, h, w]`` float32 in [0, 1] at ``input_size`` (as the data
+          modules give them), plus ``class_index`` ``[B]`` int64 when ``categories`` is set (per-class statistics,
+          PatchCore memory banks, HVQ-Trans's class-conditioned codebooks: row ``i`` is ``categories[i]``) ->
+          ``map`` ``[B, 1, h', w']`` (the raw map of ``raw_anomaly_map``), plus ``image_score`` ``[B]`` (the
+          method's own, ``OWN_IMAGE_SCORE``) for a method with ``own_image_score``. A nearest-neighbour search
+          (PatchCore) is a matrix product and a minimum over the memory bank inside the graph.
+          ``restoration`` (LSGS): graphs ``encoder`` (``images`` -> ``codes`` ``[B, L]`` int64), ``transformer``
+          (``codes`` -> ``logits`` ``[B, L, K]``) and ``decoder`` (``codes`` ``[B', L]`` -> ``decoded``
+          ``[B', C, h, w]``); the runtime draws the per-image noise, resamples, decodes and weights with the
+          functions of ``lsgs.nn.restoration`` that ``ScoringModule`` calls, with the ``options`` given.
+        - The runtime then applies, for every method, what this harness applies: ``final_anomaly_map`` (resize to
+          the evaluation size, ROI of ones, ``smoothing``), the image score (``effective_image_score``) and the
+          calibrated thresholds; ``lsgs export`` writes those settings into ``metadata.json``.
+
+        Args:
+            input_size: side of the square images the method scores (its stage's ``data.input_size``, else
+                ``data.image_size``); the examples the graphs are traced with have this size.
+
+        Raises:
+            ConfigError: the method cannot be exported (the default: a method class that does not implement it).
+        """
+        raise ConfigError(
+            f"the {self.method_name} method ({type(self).__name__}) cannot be exported: it does not implement "
+            "AnomalyMapModule.export_graphs"
+        )
+
     # ------------------------------------------------------------------------------------------- thresholds
     @property
     def pixel_threshold(self) -> float:
@@ -251,6 +289,8 @@ class AnomalyMapModule(LightningModule, abc.ABC):
             if phase == "threshold":
                 self._pixel_quantile = ScoreQuantile(num_bits=self.metric_bits).to(self.device)
                 self._image_quantile = ScoreQuantile(num_bits=self.metric_bits).to(self.device)
+                # count, sum and sum of squares of the image scores, float64 (summed over ranks below)
+                self._image_moments = torch.zeros(3, dtype=torch.float64, device=self.device)
             loader = datamodule.val_dataloader() if split == "val" else datamodule.train_eval_dataloader()
             dataset = getattr(loader, "dataset", None)
             if hasattr(dataset, "__len__") and len(dataset) == 0:
@@ -275,6 +315,7 @@ class AnomalyMapModule(LightningModule, abc.ABC):
                 self.calibration["image_threshold"] = self._image_quantile.quantile(self.image_quantile)
                 self.calibration["val_quantile"] = self.val_quantile
                 self.calibration["image_quantile"] = self.image_quantile
+                self.calibration["image_score_std"] = self._image_score_std()
             else:
                 self.finish_calibration(phase)
         rank_zero_info(f"[lsgs] calibration on validation normals: {self.calibration}")
@@ -289,7 +330,20 @@ class AnomalyMapModule(LightningModule, abc.ABC):
         maps, _, own = self.scored_maps(batch)
         roi = batch["roi"] > 0.5
         self._pixel_quantile.update(maps, valid=roi)
-        self._image_quantile.update(self.image_scores(maps, own=own))
+        scores = self.image_scores(maps, own=own)
+        self._image_quantile.update(scores)
+        scores = scores.detach().double()
+        self._image_moments += torch.stack([scores.new_tensor(scores.numel()), scores.sum(), scores.square().sum()])
+
+    def _image_score_std(self) -> float:
+        """Population standard deviation of the validation normals' image scores, over every DDP rank (a rank
+        without validation images joins the sum with zeros)."""
+        count, total, total_sq = self.trainer.strategy.reduce(self._image_moments, reduce_op="sum").tolist()
+        if count == 0:
+            return math.nan
+        # One-pass moments, as the statistics baselines (their sums all-reduce by plain summation); in float64.
+        mean = total / count
+        return math.sqrt(max(total_sq / count - mean * mean, 0.0))
 
     # ------------------------------------------------------------------------------------------- test
     @override

@@ -14,6 +14,15 @@ from typing_extensions import override
 from lsgs.errors import ConfigError, TrainingDivergedError
 from lsgs.methods.base import MethodModule
 from lsgs.nn.autoencoder import ConvAutoencoder, kl_per_image_element
+from lsgs.nn.export import (
+    EXAMPLE_BATCH,
+    IMAGES,
+    MAP,
+    RUNTIME_MAP,
+    AutoencoderMapGraph,
+    ExportGraph,
+    MethodExport,
+)
 from lsgs.nn.restoration import reconstruction_error_map
 from lsgs.nn.vqvae import VQVAEConfig
 
@@ -143,6 +152,13 @@ class AutoencoderBaseline(MethodModule):
         images = self.fitted_input(batch)
         reconstruction = self.net(images, sample=False).reconstruction
         return reconstruction_error_map(images.float(), reconstruction.float()), {"reconstruction": reconstruction}
+
+    @override
+    def export_graphs(self, input_size: int) -> MethodExport:
+        self._check_fitted()
+        images = torch.rand(EXAMPLE_BATCH, self.in_channels, input_size, input_size)
+        graph = AutoencoderMapGraph(self.net.eval())
+        return MethodExport(RUNTIME_MAP, {"map": ExportGraph(graph, {IMAGES: images}, (MAP,))})
 
     @override
     def method_info(self) -> dict[str, Any]:

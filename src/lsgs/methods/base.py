@@ -19,6 +19,7 @@ from lsgs.contracts import categories_of, channels_of, normals_per_category_of, 
 from lsgs.errors import CheckpointError, ConfigError, DataError
 from lsgs.evaluation import AnomalyMapModule
 from lsgs.layout import StageLayout
+from lsgs.nn.export import CLASS_INDEX, EXAMPLE_BATCH
 
 STATISTICS_PHASE = "statistics"
 
@@ -235,6 +236,18 @@ class StatisticsBaseline(MethodModule):
                 f"{unknown}; it was fitted on {self.categories}"
             )
         return torch.tensor([index[c] for c in categories], dtype=torch.long, device=device)
+
+    def export_categories(self) -> list[str] | None:
+        """The ``categories`` of the export: None (the graph takes no class index and uses the only set of
+        statistics) with one set, else the category of each row of the statistics."""
+        self._check_fitted()
+        return None if len(self.categories) <= 1 else list(self.categories)
+
+    def example_class_index(self) -> dict[str, Tensor]:
+        """The graph's example ``class_index`` input (none with a single set of statistics)."""
+        if self.export_categories() is None:
+            return {}
+        return {CLASS_INDEX: torch.arange(EXAMPLE_BATCH) % len(self.categories)}
 
     @override
     def calibrate_step(self, phase: str, batch: dict[str, Any]) -> None:

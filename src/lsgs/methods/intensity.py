@@ -6,12 +6,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from typing_extensions import override
 
 from lsgs.errors import DataError
 from lsgs.methods.base import StatisticsBaseline
 from lsgs.methods.statistics import mean_and_variance, standardised_intensity
+from lsgs.nn.export import EXAMPLE_BATCH, IMAGES, MAP, RUNTIME_MAP, ExportGraph, MethodExport
 
 
 class IntensityBaseline(StatisticsBaseline):
@@ -96,9 +97,39 @@ class IntensityBaseline(StatisticsBaseline):
         return anomaly, {}
 
     @override
+    def export_graphs(self, input_size: int) -> MethodExport:
+        categories = self.export_categories()
+        images = torch.rand(EXAMPLE_BATCH, self.in_channels, input_size, input_size)
+        graph = IntensityMapGraph(self.channel_mean, self.scale, clip=self.in_channels == 1 and not self.signed)
+        inputs = {IMAGES: images, **self.example_class_index()}
+        return MethodExport(RUNTIME_MAP, {"map": ExportGraph(graph, inputs, (MAP,))}, categories=categories)
+
+    @override
     def method_info(self) -> dict[str, Any]:
         if not bool(self.fitted):
             return {}
         statistic = "z-score" + (" (signed)" if self.signed else " clipped at 0 (hyperintensity)")
         return {"statistic": statistic if self.in_channels == 1 else "distance from the mean colour",
                 "categories": self.categories, "mean": self.channel_mean.tolist(), "scale": self.scale.tolist()}
+
+
+class IntensityMapGraph(nn.Module):
+    """The intensity map as an export graph: ``images`` ``[B, C, H, W]`` (+ ``class_index`` ``[B]`` with several
+    sets of statistics) -> ``map`` ``[B, 1, H, W]`` (``standardised_intensity``, clipped at 0 when ``clip``).
+
+    Args:
+        channel_mean: ``[n, C]`` mean intensity per set of statistics.
+        scale: ``[n]`` their scale.
+        clip: keep hyperintensity only (one channel, ``signed=False``).
+    """
+
+    def __init__(self, channel_mean: Tensor, scale: Tensor, clip: bool) -> None:
+        super().__init__()
+        self.register_buffer("channel_mean", channel_mean.detach().float().cpu().clone())
+        self.register_buffer("scale", scale.detach().float().cpu().clone())
+        self.clip = clip
+
+    def forward(self, images: Tensor, class_index: Tensor | None = None) -> Tensor:
+        rows = class_index if class_index is not None else torch.zeros_like(images[:, 0, 0, 0], dtype=torch.long)
+        anomaly = standardised_intensity(images, self.channel_mean[rows], self.scale[rows])
+        return anomaly.clamp_min(0.0) if self.clip else anomaly

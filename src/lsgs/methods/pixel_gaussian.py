@@ -6,13 +6,14 @@ import math
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from typing_extensions import override
 
 from lsgs.contracts import image_size_of, trainer_data
 from lsgs.errors import ConfigError, DataError
 from lsgs.methods.base import StatisticsBaseline
 from lsgs.methods.statistics import mean_and_variance, pixel_gaussian_map
+from lsgs.nn.export import EXAMPLE_BATCH, IMAGES, MAP, RUNTIME_MAP, ExportGraph, MethodExport
 
 
 class PixelGaussianBaseline(StatisticsBaseline):
@@ -120,8 +121,39 @@ class PixelGaussianBaseline(StatisticsBaseline):
         return anomaly, {"reconstruction": mean.to(images.device)}
 
     @override
+    def export_graphs(self, input_size: int) -> MethodExport:
+        categories = self.export_categories()
+        shape = tuple(self.pixel_mean.shape[1:])
+        if shape[1:] != (input_size, input_size):
+            raise ConfigError(f"pixel_gaussian: statistics of {list(shape)} images, not {input_size} px")
+        images = torch.rand(EXAMPLE_BATCH, *shape)
+        graph = PixelGaussianMapGraph(self.pixel_mean, self.pixel_std, self.eps)
+        inputs = {IMAGES: images, **self.example_class_index()}
+        return MethodExport(RUNTIME_MAP, {"map": ExportGraph(graph, inputs, (MAP,))}, categories=categories)
+
+    @override
     def method_info(self) -> dict[str, Any]:
         if not bool(self.fitted):
             return {"eps_fraction": self.eps_fraction}
         return {"eps_fraction": self.eps_fraction, "categories": self.categories, "eps": self.eps.tolist(),
                 "mean_std": self.pixel_std.mean(dim=(1, 2, 3)).tolist()}
+
+
+class PixelGaussianMapGraph(nn.Module):
+    """The per-pixel Gaussian map as an export graph: ``images`` ``[B, C, H, W]`` (+ ``class_index`` ``[B]`` with
+    several sets of statistics) -> ``map`` ``[B, 1, H, W]`` (``pixel_gaussian_map``).
+
+    Args:
+        pixel_mean: ``[n, C, H, W]`` per-pixel means, one per set of statistics.
+        pixel_std: ``[n, C, H, W]`` per-pixel standard deviations.
+        eps: ``[n]`` their ``eps``.
+    """
+
+    def __init__(self, pixel_mean: Tensor, pixel_std: Tensor, eps: Tensor) -> None:
+        super().__init__()
+        for name, value in (("pixel_mean", pixel_mean), ("pixel_std", pixel_std), ("eps", eps)):
+            self.register_buffer(name, value.detach().float().cpu().clone())
+
+    def forward(self, images: Tensor, class_index: Tensor | None = None) -> Tensor:
+        rows = class_index if class_index is not None else torch.zeros_like(images[:, 0, 0, 0], dtype=torch.long)
+        return pixel_gaussian_map(images, self.pixel_mean[rows], self.pixel_std[rows], self.eps[rows])

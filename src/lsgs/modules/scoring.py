@@ -22,11 +22,27 @@ from lsgs.evaluation import AnomalyMapModule
 from lsgs.metrics import ScoreQuantile
 from lsgs.modules.transformer import load_code_transformer
 from lsgs.modules.vqvae import VQVAE
+from lsgs.nn.export import (
+    CODES,
+    DECODED,
+    EXAMPLE_BATCH,
+    IMAGES,
+    LOGITS,
+    MAP,
+    RUNTIME_MAP,
+    RUNTIME_RESTORATION,
+    ExportGraph,
+    MethodExport,
+    VQVAEDecoderGraph,
+    VQVAEEncoderGraph,
+    VQVAEReconstructionMapGraph,
+)
 from lsgs.nn.restoration import (
     code_nll,
+    image_noise_seeds,
     per_image_uniforms,
     reconstruction_error_map,
-    restoration_anomaly_map,
+    restoration_score_map,
     restore_causal,
     restore_global,
 )
@@ -274,7 +290,7 @@ class ScoringModule(AnomalyMapModule):
         def compute() -> torch.Tensor:
             batch_size, length = flat.shape
             # Noise seeded per image (by dataset index): results do not depend on batching or DDP sharding.
-            seeds = [int(self.hparams.seed) * 1_000_003 + int(i) for i in batch["index"]]
+            seeds = image_noise_seeds(self.hparams.seed, batch["index"].tolist())
             noise = per_image_uniforms(seeds, n, length, self.device)
             temperature = self.hparams.temperature
             if self.attention == "global":
@@ -310,13 +326,48 @@ class ScoringModule(AnomalyMapModule):
         if self.transformer is None:
             return reconstruction_error_map(images, reconstruction), {"reconstruction": reconstruction}
         restorations = self.decode_restorations(batch, flat, logits)  # [B, n, C, H, W]
-        reference = reconstruction if self.hparams.map_reference == "reconstruction" else images
-        anomaly = restoration_anomaly_map(reference, restorations, self.hparams.softmax_k)  # [B, 1, H, W]
-        if self.hparams.reconstruction_weight:
-            anomaly = anomaly + self.hparams.reconstruction_weight * reconstruction_error_map(
-                images.float(), reconstruction.float()
-            )
+        anomaly = restoration_score_map(
+            images,
+            reconstruction,
+            restorations,
+            self.hparams.map_reference,
+            self.hparams.softmax_k,
+            self.hparams.reconstruction_weight,
+        )  # [B, 1, H, W]
         return anomaly, {"reconstruction": reconstruction, "restoration": restorations[:, 0]}
+
+    @override
+    def export_graphs(self, input_size: int) -> MethodExport:
+        """Without a transformer, one ``map`` graph (the VQ-VAE reconstruction error); with the global
+        transformer, the ``restoration`` runtime's ``encoder``, ``transformer`` and ``decoder``. The causal
+        ablation restores position by position with a KV cache and is not exported (``ConfigError``)."""
+        net = self.vqvae.net.eval()
+        images = torch.rand(EXAMPLE_BATCH, self.num_image_channels, input_size, input_size)
+        if self.transformer is None:
+            return MethodExport(RUNTIME_MAP, {"map": ExportGraph(VQVAEReconstructionMapGraph(net), {IMAGES: images},
+                                                                 (MAP,))})  # fmt: skip
+        if self.attention != "global":
+            raise ConfigError(
+                f"the {self.method_name} method (attention={self.attention!r}) cannot be exported: its restoration "
+                "runs position by position; export a run with the global transformer"
+            )
+        grid = tuple(self.vqvae.code_grid)
+        if input_size != grid[0] * net.config.downsample_factor:
+            raise ConfigError(
+                f"input_size={input_size} but the VQ-VAE was fitted at {grid[0] * net.config.downsample_factor} px"
+            )
+        codes = torch.randint(self.transformer.config.vocab_size, (EXAMPLE_BATCH, grid[0] * grid[1]))
+        graphs = {
+            "encoder": ExportGraph(VQVAEEncoderGraph(net), {IMAGES: images}, (CODES,)),
+            "transformer": ExportGraph(self.transformer.eval(), {CODES: codes}, (LOGITS,)),
+            "decoder": ExportGraph(VQVAEDecoderGraph(net, grid), {CODES: codes}, (DECODED,)),
+        }
+        options = {
+            name: self.hparams[name]
+            for name in ("num_restorations", "softmax_k", "temperature", "map_reference", "reconstruction_weight",
+                         "seed")
+        }  # fmt: skip
+        return MethodExport(RUNTIME_RESTORATION, graphs, {**options, "code_grid": list(grid)})
 
     @override
     def method_info(self) -> dict[str, Any]:

@@ -17,6 +17,9 @@ from lsgs.errors import ConfigError, DataError
 # default); "topk_mean" averages the highest fraction of the pixels, so one bright pixel of normal texture (a
 # tread edge) weighs less than a small region of anomalous ones.
 IMAGE_SCORES = ("max", "topk_mean")
+# What the harness's ``effective_image_score`` (and an export's ``scoring.image_score``) says for a method scored
+# by its own image score (PatchCore, HVQ-Trans) instead of a reduction of its map.
+OWN = "own"
 
 
 def _flat_valid(maps: Tensor, valid: Tensor | None) -> Tensor | None:

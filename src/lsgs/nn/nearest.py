@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lsgs.nn.tracing import is_tracing
+
 
 @torch.no_grad()
 def nearest_codes(vectors: Tensor, codebook: Tensor, chunk_size: int = 8192) -> tuple[Tensor, Tensor]:
@@ -22,7 +24,8 @@ def nearest_codes(vectors: Tensor, codebook: Tensor, chunk_size: int = 8192) -> 
     Args:
         vectors: ``[N, D]`` vectors to quantise (any float dtype, any device).
         codebook: ``[K, D]`` codebook, same device as ``vectors``.
-        chunk_size: number of vectors per matmul; bounds peak memory at about ``4 * chunk_size * K`` bytes.
+        chunk_size: number of vectors per matmul; bounds peak memory at about ``4 * chunk_size * K`` bytes
+            (while a graph is recorded, one matmul takes every vector).
 
     Returns:
         ``(indices, distances)``: ``[N]`` int64 index of the nearest code (ties go to the lowest index) and
@@ -44,19 +47,30 @@ def nearest_codes(vectors: Tensor, codebook: Tensor, chunk_size: int = 8192) -> 
         )
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    n = vectors.shape[0]
-    indices = torch.empty(n, dtype=torch.int64, device=vectors.device)
-    distances = torch.empty(n, dtype=torch.float32, device=vectors.device)
     with torch.autocast(device_type=vectors.device.type, enabled=False):
         codes = codebook.float()
         code_sq = codes.pow(2).sum(dim=1)  # [K]
+        if is_tracing():
+            # One block: a recorded graph would otherwise keep the example's chunk count and silently skip the
+            # vectors of a larger batch. Each row's numbers are those of the chunked loop.
+            return _nearest_block(vectors.float(), codes, code_sq)
+        n = vectors.shape[0]
+        indices = torch.empty(n, dtype=torch.int64, device=vectors.device)
+        distances = torch.empty(n, dtype=torch.float32, device=vectors.device)
         for start in range(0, n, chunk_size):
             chunk = vectors[start : start + chunk_size].float()  # [n_c, D]
-            # ||E||^2 - 2 z.E^T in one fused addmm; ||z||^2 is constant per row, so it is added only to the
-            # minimum instead of to the whole [n_c, K] matrix.
-            partial = torch.addmm(code_sq.unsqueeze(0), chunk, codes.t(), beta=1.0, alpha=-2.0)  # [n_c, K]
-            # torch.min over a dim returns the first minimal index, which gives the documented tie rule.
-            best, best_idx = partial.min(dim=1)
-            indices[start : start + chunk_size] = best_idx
-            distances[start : start + chunk_size] = (best + chunk.pow(2).sum(dim=1)).clamp_min_(0.0)
+            indices[start : start + chunk_size], distances[start : start + chunk_size] = _nearest_block(
+                chunk, codes, code_sq
+            )
     return indices, distances
+
+
+def _nearest_block(chunk: Tensor, codes: Tensor, code_sq: Tensor) -> tuple[Tensor, Tensor]:
+    """Nearest code of each row of ``chunk`` ``[n_c, D]`` (fp32) among ``codes`` ``[K, D]`` (``code_sq`` their
+    squared norms ``[K]``): ``([n_c]`` int64 indices, ``[n_c]`` float32 squared distances)."""
+    # ||E||^2 - 2 z.E^T in one fused addmm; ||z||^2 is constant per row, so it is added only to the
+    # minimum instead of to the whole [n_c, K] matrix.
+    partial = torch.addmm(code_sq.unsqueeze(0), chunk, codes.t(), beta=1.0, alpha=-2.0)  # [n_c, K]
+    # torch.min over a dim returns the first minimal index, which gives the documented tie rule.
+    best, best_idx = partial.min(dim=1)
+    return best_idx, (best + chunk.pow(2).sum(dim=1)).clamp_min(0.0)

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lsgs.nn.nearest import nearest_codes
+from lsgs.nn.tracing import is_tracing
 
 # Decay of the usage average that drives dead-code restarts when the codebook is not EMA-trained
 # (with ema_decay set, the EMA cluster sizes themselves are the usage average). 0.99 is the common EMA decay
@@ -516,7 +517,7 @@ class VectorQuantizer(nn.Module):
                 f"indices must be an integer tensor [B, h, w], got shape {tuple(indices.shape)} "
                 f"dtype {indices.dtype}"
             )
-        if indices.numel() > 0:
+        if indices.numel() > 0 and not is_tracing():  # a value check has no place in a recorded graph
             lo, hi = int(indices.min()), int(indices.max())
             # Checked here because an out-of-range index is a device-side assert on GPU (unrecoverable).
             if lo < 0 or hi >= self.codebook_size:

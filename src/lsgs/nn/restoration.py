@@ -8,6 +8,8 @@ Scoring follows Naval Marimont & Tarroni (ISBI 2021), which the LSGS paper cites
 3. ``restoration_anomaly_map``: ``AS = sum_i w_i |R - Y_i|``, ``w = softmax_i(k / mean|R - Y_i|)``, where the
    reference ``R`` is ``X_hat`` (decoded original codes, paper Eq. 7) or the input ``X`` (Naval Marimont &
    Tarroni's code).
+   ``restoration_score_map`` adds the options of ``ScoringModule`` (reference, reconstruction weight); the
+   noise of step 2 is drawn per image from ``image_noise_seeds`` (``per_image_uniforms``).
 4. ``smooth_anomaly_map``: MinPool 3x3 then AvgPool 7x7 (the image score of the map: ``lsgs.nn.image_score``).
 
 ``reconstruction_error_map`` is the no-transformer ablation (VQ-VAE reconstruction error alone).
@@ -16,6 +18,7 @@ Scoring follows Naval Marimont & Tarroni (ISBI 2021), which the LSGS paper cites
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -168,6 +171,17 @@ def restore_causal(
     return seqs.view(B, num_restorations, L)
 
 
+# The seed of an image's restoration noise is ``seed * NOISE_SEED_STRIDE + index``: ``seed`` the scoring seed,
+# ``index`` the image's position in its split (the test set) or, for ``lsgs detect``, in its sorted folder. A
+# prime stride keeps the seeds of two scoring seeds apart for any index below it.
+NOISE_SEED_STRIDE = 1_000_003
+
+
+def image_noise_seeds(seed: int, indices: Iterable[int]) -> list[int]:
+    """Per-image noise seeds ``seed * NOISE_SEED_STRIDE + index`` (see ``per_image_uniforms``)."""
+    return [int(seed) * NOISE_SEED_STRIDE + int(index) for index in indices]
+
+
 def per_image_uniforms(
     seeds: list[int], num_restorations: int, seq_len: int, device: torch.device | str = "cpu"
 ) -> Tensor:
@@ -263,6 +277,36 @@ def restoration_anomaly_map(reference: Tensor, restorations: Tensor, k: float = 
     diff = (restorations.float() - reference.float().unsqueeze(1)).abs()  # (B, n, C, H, W)
     weights = _inverse_distance_softmax(diff.mean(dim=(2, 3, 4)), k)  # (B, n)
     return torch.einsum("bn,bnchw->bhw", weights, diff).unsqueeze(1) / diff.shape[2]  # (B, 1, H, W)
+
+
+def restoration_score_map(
+    images: Tensor,
+    reconstruction: Tensor,
+    restorations: Tensor,
+    map_reference: str = "reconstruction",
+    k: float = 3.0,
+    reconstruction_weight: float = 0.0,
+) -> Tensor:
+    """LSGS's raw anomaly map: ``restoration_anomaly_map(R, Y, k) + λ |X - X_hat|``.
+
+    Args:
+        images: [B, C, H, W] the input ``X``.
+        reconstruction: [B, C, H, W] ``X_hat``, the decoded original codes.
+        restorations: [B, n, C, H, W] ``Y_1..Y_n``.
+        map_reference: ``reconstruction`` (``R = X_hat``, paper Eq. 7) or ``input`` (``R = X``).
+        k: weight sharpness of ``restoration_weights``.
+        reconstruction_weight: λ >= 0 (0: the paper's map).
+
+    Returns:
+        [B, 1, H, W] float32.
+    """
+    if map_reference not in ("reconstruction", "input"):
+        raise ValueError(f"map_reference must be 'reconstruction' or 'input', got {map_reference!r}")
+    reference = reconstruction if map_reference == "reconstruction" else images
+    anomaly = restoration_anomaly_map(reference, restorations, k)  # [B, 1, H, W]
+    if reconstruction_weight:
+        anomaly = anomaly + reconstruction_weight * reconstruction_error_map(images.float(), reconstruction.float())
+    return anomaly
 
 
 def reconstruction_error_map(image: Tensor, reconstruction: Tensor) -> Tensor:

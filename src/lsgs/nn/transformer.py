@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lsgs.errors import ConfigError
+from lsgs.nn.tracing import is_tracing
 
 ATTENTION_TYPES = ("global", "causal")
 
@@ -290,7 +291,12 @@ class CodeTransformer(nn.Module):
 
 
 def check_code_range(codes: Tensor, vocab_size: int, name: str = "codes") -> None:
-    """Raise ``ValueError`` if a code is outside ``[0, vocab_size)`` (``nn.Embedding`` fails obscurely)."""
+    """Raise ``ValueError`` if a code is outside ``[0, vocab_size)`` (``nn.Embedding`` fails obscurely).
+
+    Skipped while a graph is recorded (``lsgs.nn.tracing.is_tracing``): the check reads the codes' values.
+    """
+    if is_tracing():
+        return
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= vocab_size):
         raise ValueError(
             f"{name} must lie in [0, {vocab_size}), got values in [{int(codes.min())}, {int(codes.max())}]"
