@@ -203,7 +203,7 @@ class AnomalyMapModule(LightningModule, abc.ABC):
           calibrated thresholds; ``lsgs export`` writes those settings into ``metadata.json``.
 
         Args:
-            input_size: side of the square images the method scores (its stage's ``data.input_size``, else
+            input_size: side of the square images the method scores (its stage's ``data.model_input_size``, else
                 ``data.image_size``); the examples the graphs are traced with have this size.
 
         Raises:

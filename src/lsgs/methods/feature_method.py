@@ -14,6 +14,16 @@ from lsgs.contracts import categories_of, normals_per_category_of, trainer_data
 from lsgs.errors import ConfigError, DataError
 from lsgs.methods.base import MethodModule
 from lsgs.nn.backbone import FeatureExtractor
+from lsgs.nn.export import (
+    CLASS_INDEX,
+    EXAMPLE_BATCH,
+    IMAGE_SCORE,
+    IMAGES,
+    MAP,
+    RUNTIME_MAP,
+    ExportGraph,
+    MethodExport,
+)
 
 ALL_CATEGORIES = "*"  # the single class of a data set whose categories share one population of normals
 
@@ -117,3 +127,15 @@ class FeatureMethod(MethodModule):
     @override
     def method_info(self) -> dict[str, Any]:
         return {"backbone": self.backbone.describe(), "input_size": self.input_size, "categories": self.categories}
+
+
+def export_feature_graph(method: FeatureMethod, graph: torch.nn.Module, input_size: int) -> MethodExport:
+    """The ``map`` export of a feature method: one graph, ``images`` (+ ``class_index`` with several classes) ->
+    ``map`` and the method's own ``image_score``."""
+    images = torch.rand(EXAMPLE_BATCH, method.in_channels, input_size, input_size)
+    inputs = {IMAGES: images}
+    categories = None
+    if len(method.categories) > 1:
+        inputs[CLASS_INDEX] = torch.arange(EXAMPLE_BATCH) % len(method.categories)
+        categories = list(method.categories)
+    return MethodExport(RUNTIME_MAP, {"map": ExportGraph(graph, inputs, (MAP, IMAGE_SCORE))}, categories=categories)

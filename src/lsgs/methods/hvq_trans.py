@@ -19,7 +19,9 @@ from lsgs.checkpoints import METHOD_KIND, load_checkpoint
 from lsgs.errors import TrainingDivergedError
 from lsgs.evaluation import OWN_IMAGE_SCORE
 from lsgs.methods.feature_cache import train_features
-from lsgs.methods.feature_method import FeatureMethod
+from lsgs.methods.feature_method import FeatureMethod, export_feature_graph
+from lsgs.nn.export import MethodExport
+from lsgs.nn.feature_export import HVQTransMapGraph
 from lsgs.nn.hvq_trans import HVQTransConfig, HVQTransNet, align_features, hvq_image_score
 
 
@@ -203,6 +205,13 @@ class HVQTransMethod(FeatureMethod):
         maps = self.net.anomaly_map(out)  # [B, 1, S, S] at the input size
         pool = (self.hparams.image_score_pool, self.hparams.image_score_pool)
         return maps, {OWN_IMAGE_SCORE: hvq_image_score(maps, pool)}
+
+    @override
+    def export_graphs(self, input_size: int) -> MethodExport:
+        self._check_fitted()
+        assert self.net is not None
+        graph = HVQTransMapGraph(self.backbone, self.net.eval(), self.token_grid, self.hparams.image_score_pool)
+        return export_feature_graph(self, graph.eval(), input_size)
 
     @override
     def method_info(self) -> dict[str, Any]:

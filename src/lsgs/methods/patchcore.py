@@ -19,7 +19,9 @@ from lsgs.checkpoints import METHOD_KIND, load_checkpoint
 from lsgs.contracts import categories_of, normals_per_category_of, trainer_data
 from lsgs.errors import ConfigError, DataError
 from lsgs.evaluation import OWN_IMAGE_SCORE
-from lsgs.methods.feature_method import ALL_CATEGORIES, FeatureMethod
+from lsgs.methods.feature_method import ALL_CATEGORIES, FeatureMethod, export_feature_graph
+from lsgs.nn.export import MethodExport
+from lsgs.nn.feature_export import PatchCoreMapGraph
 from lsgs.nn.patchcore import SEARCHES, PatchCoreNet, greedy_coreset
 
 MEMORY_BANK_PHASE = "memory_bank"
@@ -171,6 +173,12 @@ class PatchCoreBaseline(FeatureMethod):
             maps[rows] = out.anomaly_map.to(maps.dtype)
             scores[rows] = out.image_score.to(scores.dtype)
         return maps, {OWN_IMAGE_SCORE: scores}
+
+    @override
+    def export_graphs(self, input_size: int) -> MethodExport:
+        self._check_fitted()
+        graph = PatchCoreMapGraph(self.backbone, list(self.nets)).eval()
+        return export_feature_graph(self, graph, input_size)
 
     @override
     def method_info(self) -> dict[str, Any]:
