@@ -93,9 +93,10 @@ def test_errors(maps_and_mask: tuple[torch.Tensor, torch.Tensor]) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"image_score": "mean"}, "model.image_score='mean' is not one of"),
-        ({"image_score": "topk_mean", "image_topk": 0.0}, r"model.image_topk must be in \(0, 1\], got 0.0"),
-        ({"image_topk": 1.5}, r"model.image_topk must be in \(0, 1\]"),
+        ({"image_score": "mean"},
+         r"^model.image_score=\"mean\" must be one of \['max', 'topk_mean'\] or null \(null: the method's own\)$"),
+        ({"image_score": "topk_mean", "image_topk": 0.0}, r"^model.image_topk=0.0 must be a number in \(0, 1\]$"),
+        ({"image_topk": 1.5}, r"^model.image_topk=1.5 must be a number in \(0, 1\]$"),
     ],
 )
 def test_bad_harness_settings(kwargs: dict, match: str) -> None:

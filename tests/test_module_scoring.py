@@ -174,12 +174,12 @@ def test_a_transformer_of_another_vqvae_is_rejected(models: Models) -> None:
     ("kwargs", "error", "match"),
     [
         ({"vqvae_checkpoint": None}, ConfigError, "model.vqvae_checkpoint is required"),
-        ({"num_restorations": 0}, ConfigError, "num_restorations must be >= 1, got 0"),
-        ({"nll_quantile": 1.0}, ConfigError, r"nll_quantile must be in \(0, 1\), got 1.0"),
-        ({"nll_quantile": 0.0}, ConfigError, r"nll_quantile must be in \(0, 1\), got 0.0"),
-        ({"val_quantile": 1.0}, ConfigError, r"val_quantile must be in \(0, 1\), got 1.0"),
-        ({"image_quantile": 0.0}, ConfigError, r"image_quantile must be in \(0, 1\), got 0.0"),
-        ({"metric_region": "mask"}, ConfigError, "metric_region='mask' is not one of"),
+        ({"num_restorations": 0}, ConfigError, "^model.num_restorations=0 must be an int >= 1$"),
+        ({"nll_quantile": 1.0}, ConfigError, r"^model.nll_quantile=1.0 must be a number in \(0, 1\)$"),
+        ({"nll_quantile": 0.0}, ConfigError, r"^model.nll_quantile=0.0 must be a number in \(0, 1\)$"),
+        ({"val_quantile": 1.0}, ConfigError, r"^model.val_quantile=1.0 must be a number in \(0, 1\)$"),
+        ({"image_quantile": 0.0}, ConfigError, r"^model.image_quantile=0.0 must be a number in \(0, 1\)$"),
+        ({"metric_region": "mask"}, ConfigError, r"^model.metric_region=\"mask\" must be one of \['all', 'roi'\]$"),
         ({"calibration": "/nonexistent/calibration.json"}, ConfigError, "model.calibration: file"),
         (
             {"transformer_checkpoint": "VQVAE"},
@@ -602,12 +602,18 @@ def test_a_test_category_without_validation_normals_is_a_config_error(
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"map_reference": "image"}, "map_reference='image' is not one of"),
-        ({"reconstruction_weight": -0.5}, "reconstruction_weight must be a finite number >= 0, got -0.5"),
-        ({"reconstruction_weight": math.inf}, "reconstruction_weight must be a finite number >= 0"),
-        ({"nll_threshold": -1.0}, "nll_threshold must be null or a number of nats >= 0, got -1.0"),
-        ({"nll_threshold": math.nan}, "nll_threshold must be null or a number"),
-        ({"nll_threshold_scope": "image"}, "nll_threshold_scope='image' is not one of"),
+        ({"map_reference": "image"}, r"^model.map_reference=\"image\" must be one of \['reconstruction', 'input'\]$"),
+        ({"reconstruction_weight": -0.5}, "^model.reconstruction_weight=-0.5 must be a finite number >= 0$"),
+        ({"reconstruction_weight": math.inf}, "^model.reconstruction_weight=Infinity must be a finite number >= 0$"),
+        ({"nll_threshold": -1.0}, r"^model.nll_threshold=-1.0 must be null or a number of nats >= 0 \(null: "),
+        ({"nll_threshold": math.nan}, "^model.nll_threshold=NaN must be null or a number"),
+        ({"nll_threshold_scope": "image"},
+         r"^model.nll_threshold_scope=\"image\" must be one of \['all', 'category'\]$"),
+        ({"softmax_k": 0}, "^model.softmax_k=0 must be a finite number > 0$"),
+        ({"temperature": -1.0}, "^model.temperature=-1.0 must be a finite number > 0$"),
+        ({"seed": 1.5}, "^model.seed=1.5 must be an int$"),
+        ({"num_restorations": True}, "^model.num_restorations=true must be an int >= 1$"),
+        ({"smoothing": "yes"}, r"^model.smoothing=\"yes\" must be true, false or null \(null: "),
     ],
 )
 def test_bad_scoring_options(kwargs: dict[str, Any], match: str, models: Models) -> None:

@@ -141,13 +141,18 @@ def test_a_killed_study_resumes_and_gives_the_same_table(
             '{"map_reference": ["image"]}',
             r"map_reference=\"image\" must be one of \['reconstruction', 'input'\]",
         ),
-        ('{"reconstruction_weight": ["1"]}', r"reconstruction_weight=\"1\" must be a number >= 0"),
-        ('{"reconstruction_weight": [-1]}', "reconstruction_weight=-1 must be a number >= 0"),
+        ('{"reconstruction_weight": ["1"]}', r"reconstruction_weight=\"1\" must be a finite number >= 0$"),
+        ('{"reconstruction_weight": [-1]}', "reconstruction_weight=-1 must be a finite number >= 0$"),
+        ('{"reconstruction_weight": [Infinity]}', "reconstruction_weight=Infinity must be a finite number >= 0$"),
         ('{"nll_quantile": [0.9, 1.5]}', r"nll_quantile=1.5 must be a number in \(0, 1\)"),
         ('{"num_restorations": [2.5]}', "num_restorations=2.5 must be an int >= 1"),
         ('{"nll_threshold_scope": [true]}', "nll_threshold_scope=true must be one of"),
         ('{"nll_quantile": [0.9, 0.9]}', "lists a value twice"),
-        ('{"image_score": ["mean"]}', r"image_score=\"mean\" must be one of \['max', 'topk_mean'\]"),
+        ('{"image_score": ["mean"]}', r"image_score=\"mean\" must be one of \['max', 'topk_mean'\] or null \(null: "),
+        ('{"nll_threshold": [-1]}', r"nll_threshold=-1 must be null or a number of nats >= 0 \(null: "),
+        ('{"seed": [true]}', "seed=true must be an int$"),
+        ('{"smoothing": ["yes"]}', r"smoothing=\"yes\" must be true, false or null \(null: "),
+        ('{"metric_region": ["brain"]}', r"metric_region=\"brain\" must be one of \['all', 'roi'\]$"),
         ('{"image_topk": [0]}', r"image_topk=0 must be a number in \(0, 1\]"),
     ],
 )
@@ -166,7 +171,7 @@ def test_a_bad_grid_fails_before_any_scoring(
 
 def test_cli_errors_are_one_line(tmp_path: Path, tiny_run: Path) -> None:
     proc = run_cli(["study", "scoring", f"--run_dir={tiny_run}", "--grid", '{"softmax_k": [0]}'], check=False)
-    assert proc.returncode == 2 and proc.stderr.strip() == "error: --grid: softmax_k=0 must be a number > 0"
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: --grid: softmax_k=0 must be a finite number > 0"
     with pytest.raises(ConfigError, match="has no finished scoring stage"):
         study.main(["scoring", f"--run_dir={tmp_path}", '--grid={"seed": [1]}'])
     assert not (tiny_run / "studies").exists()

@@ -28,13 +28,12 @@ import copy
 import hashlib
 import itertools
 import json
-import math
 import os
 import shlex
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,50 +41,15 @@ from lsgs.errors import ConfigError
 from lsgs.io import atomic_write_json, atomic_write_text, read_json, read_json_or_none
 from lsgs.layout import RunLayout
 from lsgs.methods.registry import ABLATION_KIND, LSGS_METHOD, evaluated_methods
-from lsgs.nn.image_score import IMAGE_SCORES
+from lsgs.modules.scoring import RESTORATION_OPTIONS, ScoringCache, ScoringModule
+from lsgs.options import Check, show, signature_defaults
 from lsgs.progress import progress
 from lsgs.reports.tables import METRIC_COLUMNS, csv_text, format_value, markdown_table
 
-
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _choice(*choices: str) -> Callable[[Any], str | None]:
-    return lambda v: None if v in choices else f"must be one of {list(choices)}"
-
-
-# Grid keys: ScoringModule arguments that change the map or the thresholds, with the check of one value.
-GRID_OPTIONS: dict[str, Callable[[Any], str | None]] = {
-    "map_reference": _choice("reconstruction", "input"),
-    "reconstruction_weight": lambda v: None if _number(v) and v >= 0 else "must be a number >= 0",
-    "nll_quantile": lambda v: None if _number(v) and 0 < v < 1 else "must be a number in (0, 1)",
-    "nll_threshold": lambda v: (
-        None if v is None or (_number(v) and v >= 0) else "must be null or a number >= 0"
-    ),
-    "nll_threshold_scope": _choice("all", "category"),
-    "num_restorations": lambda v: (
-        None if isinstance(v, int) and not isinstance(v, bool) and v >= 1 else "must be an int >= 1"
-    ),
-    "softmax_k": lambda v: None if _number(v) and v > 0 else "must be a number > 0",
-    "temperature": lambda v: None if _number(v) and v > 0 else "must be a number > 0",
-    "seed": lambda v: None if isinstance(v, int) and not isinstance(v, bool) else "must be an int",
-    "val_quantile": lambda v: None if _number(v) and 0 < v < 1 else "must be a number in (0, 1)",
-    # Harness arguments (AnomalyMapModule): the image score of a map.
-    "image_score": _choice(*IMAGE_SCORES),
-    "image_topk": lambda v: None if _number(v) and 0 < v <= 1 else "must be a number in (0, 1]",
-}
-# Options that decide the restorations; rows sharing them share the decoded restorations in the cache.
-RESTORATION_OPTIONS = (
-    "nll_threshold",
-    "nll_quantile",
-    "nll_threshold_scope",
-    "num_restorations",
-    "temperature",
-    "seed",
-)
-SCORING_DEFAULTS = {"nll_threshold": None, "nll_quantile": 0.9, "nll_threshold_scope": "all",
-                    "num_restorations": 15, "temperature": 1.0, "seed": 0}  # fmt: skip
+# Grid keys: the options ScoringModule declares (its own and the harness's), each with the check its constructor
+# runs; the defaults a row leaves unset are the constructor's.
+GRID_OPTIONS: dict[str, Check] = ScoringModule.option_checks
+SCORING_DEFAULTS = signature_defaults(ScoringModule)
 
 
 def parse_grid(text: str) -> dict[str, list[Any]]:
@@ -102,9 +66,9 @@ def parse_grid(text: str) -> dict[str, list[Any]]:
         if not isinstance(values, list) or not values:
             raise ConfigError(f"--grid: {key} must be a non-empty list of values, got {values!r}")
         for value in values:
-            problem = GRID_OPTIONS[key](value)
+            problem = GRID_OPTIONS[key].problem(value)
             if problem:
-                raise ConfigError(f"--grid: {key}={json.dumps(value)} {problem}")
+                raise ConfigError(f"--grid: {key}={show(value)} {problem}")
         if len({json.dumps(v) for v in values}) != len(values):
             raise ConfigError(f"--grid: {key} lists a value twice: {values!r}")
     return grid
@@ -248,8 +212,6 @@ def run_study(
     kill_after_rows: int | None = None,
 ) -> str:
     """Score every row of ``grid`` not done yet, then write the tables; returns the markdown table."""
-    from lsgs.modules.scoring import ScoringCache
-
     run_dir = Path(run_dir).resolve()
     base, scoring_hash = _load_run(run_dir)
     layout = RunLayout.of(run_dir)

@@ -29,9 +29,21 @@ from lsgs.metrics import AnomalyMetrics, ScoreQuantile
 from lsgs.nn.anomaly_map import final_anomaly_map, resize_map
 from lsgs.nn.export import IMAGE_SCORE, MethodExport
 from lsgs.nn.image_score import IMAGE_SCORES, OWN, reduce_image_scores
+from lsgs.options import Check, check_options, flag, fraction, one_of
 from lsgs.progress import progress
 
 METRIC_REGIONS = ("all", "roi")
+# The checks of the harness arguments that take a value from a fixed set or range (the others are typed by their
+# signature alone); ``lsgs study scoring`` validates its grid with them.
+HARNESS_OPTIONS: dict[str, Check] = {
+    "smoothing": flag(null="the method's default_smoothing"),
+    "smoothing_count_include_pad": flag(),
+    "val_quantile": fraction(),
+    "image_quantile": fraction(),
+    "metric_region": one_of(METRIC_REGIONS),
+    "image_score": one_of(IMAGE_SCORES, null="the method's own"),
+    "image_topk": fraction(include_one=True),
+}
 # The key of a method's own [B] image scores among the extras ``raw_anomaly_map`` returns: the name of the same
 # output of an exported graph. ``effective_image_score`` is ``OWN`` when they score the images.
 OWN_IMAGE_SCORE = IMAGE_SCORE
@@ -84,6 +96,8 @@ class AnomalyMapModule(LightningModule, abc.ABC):
     # Experiment keys the pipeline copies into this method's stage when its own config leaves them unset (None):
     # ``{"model.init_args.<arg>" or "trainer.<key>": "<stage>.model.init_args.<arg>" or "<stage>.trainer.<key>"}``.
     pipeline_defaults: ClassVar[dict[str, str]] = {}
+    # The checks of the class's options (``lsgs.options``): the harness's; a subclass adds its own.
+    option_checks: ClassVar[dict[str, Check]] = HARNESS_OPTIONS
     # The post-processing the method's maps get when the experiment imposes none (``smoothing`` left null).
     default_smoothing: ClassVar[bool] = True
     # The name of the method's own image score, which ``raw_anomaly_map`` returns under ``OWN_IMAGE_SCORE``; None:
@@ -107,16 +121,7 @@ class AnomalyMapModule(LightningModule, abc.ABC):
         image_topk: float = 0.01,
     ) -> None:
         super().__init__()
-        for name, value in (("val_quantile", val_quantile), ("image_quantile", image_quantile)):
-            if not 0.0 < value < 1.0:
-                raise ConfigError(f"model.{name} must be in (0, 1), got {value}")
-        if metric_region not in METRIC_REGIONS:
-            raise ConfigError(f"model.metric_region={metric_region!r} is not one of {METRIC_REGIONS}")
-        if image_score is not None and image_score not in IMAGE_SCORES:
-            raise ConfigError(f"model.image_score={image_score!r} is not one of {IMAGE_SCORES} (or null: the "
-                              "method's own)")
-        if not 0.0 < image_topk <= 1.0:
-            raise ConfigError(f"model.image_topk must be in (0, 1], got {image_topk}")
+        check_options(HARNESS_OPTIONS, locals())
         self.image_score = image_score
         self.image_topk = image_topk
         self.output_dir = Path(output_dir) if output_dir else None

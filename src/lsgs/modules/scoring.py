@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from typing_extensions import override
@@ -46,9 +46,26 @@ from lsgs.nn.restoration import (
     restore_causal,
     restore_global,
 )
+from lsgs.options import Check, check_options, fraction, integer, number, one_of
 
 MAP_REFERENCES = ("reconstruction", "input")
 NLL_THRESHOLD_SCOPES = ("all", "category")
+# The checks of ScoringModule's own options (its harness options are AnomalyMapModule's); with those, the keys of
+# an ``lsgs study scoring`` grid.
+SCORING_OPTIONS: dict[str, Check] = {
+    "map_reference": one_of(MAP_REFERENCES),
+    "reconstruction_weight": number(0.0),
+    "nll_quantile": fraction(),
+    "nll_threshold": number(0.0, unit="nats", null="the nll_quantile of validation normals"),
+    "nll_threshold_scope": one_of(NLL_THRESHOLD_SCOPES),
+    "num_restorations": integer(minimum=1),
+    "softmax_k": number(0.0, strict=True),
+    "temperature": number(0.0, strict=True),
+    "seed": integer(),
+}
+# The options the decoded restorations depend on (``ScoringCache`` shares them between settings that agree on these).
+RESTORATION_OPTIONS = ("nll_threshold", "nll_quantile", "nll_threshold_scope", "num_restorations", "temperature",
+                       "seed")  # fmt: skip
 
 
 class ScoringCache:
@@ -107,7 +124,7 @@ class ScoringModule(AnomalyMapModule):
     Args:
         vqvae_checkpoint: the (fine-tuned) VQ-VAE.
         transformer_checkpoint: the transformer trained on that VQ-VAE's codes; None = no transformer.
-        num_restorations: n (default 15).
+        num_restorations: n >= 1 (default 15).
         nll_quantile: quantile of validation-normal code NLLs used as the resampling threshold (default 0.9);
             used when ``nll_threshold`` is None.
         nll_threshold: a fixed resampling threshold in nats (>= 0; ``inf`` resamples nothing) instead of the
@@ -120,13 +137,14 @@ class ScoringModule(AnomalyMapModule):
             ``k / mean|X - Y_i|`` for ``input``, as in that code.
         reconstruction_weight: λ >= 0, weight of the VQ-VAE reconstruction error ``|X - X_hat|`` added to the
             map (default 0: the paper's map).
-        softmax_k: k of the restoration weights (default 3).
-        temperature: sampling temperature of the resampling distribution.
+        softmax_k: k > 0 of the restoration weights (default 3).
+        temperature: sampling temperature (> 0) of the resampling distribution.
         seed: seed of the resampling (per image, from its dataset index, so DDP sharding does not matter).
         **kwargs: the harness arguments of ``AnomalyMapModule``.
     """
 
     method_name = "lsgs"
+    option_checks: ClassVar[dict[str, Check]] = {**SCORING_OPTIONS, **AnomalyMapModule.option_checks}
 
     def __init__(
         self,
@@ -145,24 +163,7 @@ class ScoringModule(AnomalyMapModule):
     ) -> None:
         super().__init__(**kwargs)
         require_checkpoint(vqvae_checkpoint, "model.vqvae_checkpoint")
-        if num_restorations < 1:
-            raise ConfigError(f"model.num_restorations must be >= 1, got {num_restorations}")
-        if not 0.0 < nll_quantile < 1.0:
-            raise ConfigError(f"model.nll_quantile must be in (0, 1), got {nll_quantile}")
-        if nll_threshold is not None and not nll_threshold >= 0.0:  # also rejects NaN
-            raise ConfigError(
-                f"model.nll_threshold must be null or a number of nats >= 0, got {nll_threshold}"
-            )
-        if nll_threshold_scope not in NLL_THRESHOLD_SCOPES:
-            raise ConfigError(
-                f"model.nll_threshold_scope={nll_threshold_scope!r} is not one of {NLL_THRESHOLD_SCOPES}"
-            )
-        if map_reference not in MAP_REFERENCES:
-            raise ConfigError(f"model.map_reference={map_reference!r} is not one of {MAP_REFERENCES}")
-        if not (reconstruction_weight >= 0.0 and math.isfinite(reconstruction_weight)):
-            raise ConfigError(
-                f"model.reconstruction_weight must be a finite number >= 0, got {reconstruction_weight}"
-            )
+        check_options(SCORING_OPTIONS, locals())
         self.save_hyperparameters()
         self.cache: ScoringCache | None = None  # set by `lsgs study scoring`
         self.vqvae = VQVAE.from_checkpoint(vqvae_checkpoint, "model.vqvae_checkpoint")
