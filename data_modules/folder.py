@@ -460,7 +460,7 @@ class FolderDataModule(AnomalyDataModule):
         }
         rank_zero_info(f"[lsgs] FolderDataModule({self.root}) splits: {self._split_summary}")
         # Training normals belong to no one defect folder; with a single category they take its name (so
-        # per-category statistics baselines work), otherwise "normal".
+        # the per-category statistics of the baseline methods work), otherwise "normal".
         train_category = self.test_categories[0] if len(self.test_categories) == 1 else "normal"
         return {
             "train": [item(int(i), train_category) for i in fit_rows],

@@ -54,3 +54,24 @@ def test_paper_configs_keep_the_paper_scoring_and_loss(paper: str, tmp_path: Pat
     assert _init_args(experiment, "transformer")["loss_reduction"] == "sum"  # Eq. 6
     vqvae = _init_args(experiment, "vqvae")
     assert not vqvae["ema_decay"] and not vqvae["dead_code_threshold"] and not vqvae["l2_normalize"]
+
+
+def test_the_old_methods_key_is_refused_in_one_line(tmp_path: Path) -> None:
+    """An experiment in the form before methods were called methods stops with one line naming the new key
+    (the only place besides the refusal itself that spells the old word: tests/test_architecture.py)."""
+    from lsgs.errors import ConfigError
+
+    nested, dotted = tmp_path / "nested.yaml", tmp_path / "dotted.yaml"
+    nested.write_text("baselines:\n  ae:\n    model: null\n")
+    dotted.write_text("baselines.ae.model: null\n")
+    cases = {
+        ("--config", str(nested)): rf"^{nested}: the key 'baselines' is now 'methods' \(rename it\)$",
+        (f"--config={dotted}",): rf"^{dotted}: the key 'baselines' is now 'methods' \(rename it\)$",
+        ("--run_baselines=false",): r"^--run_baselines: 'baselines' is now 'methods' \(--run_methods\)$",
+        ("--stages=[baselines]",): r"^--stages: 'baselines' is now 'methods' \(--stages\)$",
+        ("--baselines.ae.model=null",): r"^--baselines.ae.model: 'baselines' is now 'methods' \(--methods.ae.model\)$",
+    }
+    for argv, match in cases.items():
+        with pytest.raises(ConfigError, match=match):
+            parse_experiment([*argv, "--run_dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()

@@ -26,12 +26,12 @@ GRID = {
 def studied(
     tiny_run: Path, tmp_path_factory: pytest.TempPathFactory, demo_mvtec_root: Path, data_cache_dir: Path
 ) -> Path:
-    """A copy of the tiny run plus its two cheap baselines, and one uninterrupted study over GRID (in-process)."""
+    """A copy of the tiny run plus its two cheap baseline methods, and one uninterrupted study over GRID (in-process)."""
     from lsgs.pipeline import main as pipeline_main
 
     run_dir = copy_run(tiny_run, tmp_path_factory.mktemp("study"))
-    no_trained_baselines = ["--run_methods=true", "--methods.ae.model=null", "--methods.vae.model=null"]
-    pipeline_main(tiny_args(demo_mvtec_root, data_cache_dir, run_dir, *no_trained_baselines))
+    untrained_only = ["--run_methods=true", "--methods.ae.model=null", "--methods.vae.model=null"]
+    pipeline_main(tiny_args(demo_mvtec_root, data_cache_dir, run_dir, *untrained_only))
     study.main(["scoring", f"--run_dir={run_dir}", f"--grid={json.dumps(GRID)}", "--name=full"])
     return run_dir
 

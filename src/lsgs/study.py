@@ -13,7 +13,7 @@ recomputed per row.
 
 Outputs: ``RUN/studies/<name>.{md,csv}`` (default name ``scoring``): one row per setting with pixel AUROC, pixel AP,
 Dice (best and validation threshold), AUPRO (when the run computes it) and image AUROC, and the run's LSGS row and
-its other methods (the baselines are the floors) beside them, each study row with the command that reproduces it alone
+its other methods (those of kind baseline are the floors) beside them, each study row with the command that reproduces it alone
 (``lsgs test -c RUN/scoring/config.yaml ... --model.init_args.<option>=<value>``, results in
 ``RUN/studies/repro/<row id>/``; it never touches the run's own outputs).
 
@@ -293,7 +293,7 @@ def write_tables(
     title = (
         f"Scoring study on {run_dir} (values in %; mean over categories when there are several; s = seconds to "
         "score the row, the first rows of a group also fill the cache). The last rows are the run's own LSGS "
-        "scoring and its other methods (the baselines are the floors to beat)."
+        "scoring and its other methods (those of kind baseline are the floors to beat)."
     )
     commands = "\n".join(f"{i}. `{r['command']}`" for i, r in enumerate(records, start=1))
     markdown = f"{title}\n\n{markdown_table(header_md, md_rows)}\nReproduce a row alone:\n\n{commands}\n"

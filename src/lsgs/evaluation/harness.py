@@ -70,7 +70,7 @@ class AnomalyMapModule(LightningModule, abc.ABC):
     Args:
         output_dir: where results, heatmaps and curves go (rank 0); None writes nothing.
         smoothing: MinPool 3x3 then AvgPool 7x7 on the ROI-masked map (Naval Marimont & Tarroni); None: the
-            method's ``default_smoothing`` (True for LSGS and the pixel-space baselines).
+            method's ``default_smoothing`` (True for LSGS and the pixel-space baseline methods).
         smoothing_count_include_pad: whether the 7x7 average counts the zero padding at the image border, as
             the reference code does (PyTorch's default, True); False keeps border scores at their scale.
         val_quantile: quantile of the validation normals' pixel scores used as the honest Dice threshold.

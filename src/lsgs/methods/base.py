@@ -1,5 +1,5 @@
 """What the methods of ``lsgs.methods`` share on top of the evaluation harness (``MethodModule``), and the base of
-the baselines whose learned state is a few statistics of the training images (``StatisticsBaseline``).
+the baseline methods whose learned state is a few statistics of the training images (``StatisticsBaseline``).
 
 Everything a method learns is kept in parameters and buffers, so a Lightning checkpoint of a fitted method holds it
 and ``init_from`` reloads it: ``lsgs.evaluation.load_method`` rebuilds a finished method stage that way.

@@ -141,7 +141,7 @@ class EvaluatedMethod:
 
 def evaluated_methods(run_dir: str | Path) -> list[EvaluatedMethod]:
     """Every finished evaluation of a run (it has ``results.json``): LSGS, the other methods of kind ``method``,
-    the baselines, then the ablation variants (by name within each kind)."""
+    those of kind ``baseline``, then the ablation variants (by name within each kind)."""
     layout = check_run_folder(run_dir)
     found: list[EvaluatedMethod] = []
     if layout.scoring.results_json.is_file():

@@ -1,4 +1,4 @@
-"""Pure statistics of the statistical baselines: moments from sums, and the two anomaly maps built on them."""
+"""Pure statistics of the statistical baseline methods: moments from sums, and the two anomaly maps built on them."""
 
 from __future__ import annotations
 

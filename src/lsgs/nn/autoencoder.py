@@ -1,14 +1,14 @@
-"""Pure-torch convolutional autoencoder and VAE baselines with the VQ-VAE's encoder/decoder shape.
+"""Pure-torch convolutional autoencoder and VAE baseline methods with the VQ-VAE's encoder/decoder shape.
 
 The encoder and decoder are :class:`lsgs.nn.vqvae.Encoder` / :class:`lsgs.nn.vqvae.Decoder` built from the same
-:class:`lsgs.nn.vqvae.VQVAEConfig`, so the baselines differ from the VQ-VAE only by the bottleneck: a continuous
+:class:`lsgs.nn.vqvae.VQVAEConfig`, so the two differ from the VQ-VAE only by the bottleneck: a continuous
 latent ``[B, D, H/f, W/f]`` (AE), or a diagonal Gaussian over it (VAE), instead of the quantiser. The AE is the
 "AE" column and the VAE the "VAE" column of the paper's Table 1 (after Baur et al., 2021, "Autoencoders for
 unsupervised anomaly segmentation in brain MR images: a comparative study").
 
 Caveat worth knowing when reading their numbers: with ``D >= C * f**2`` values per latent position the
 continuous bottleneck is no narrower than the image and an AE can learn something close to the identity,
-reconstructing anomalies too. That is the known weakness of reconstruction baselines (it is what the VQ-VAE's
+reconstructing anomalies too. That is the known weakness of reconstruction-error baseline methods (it is what the VQ-VAE's
 discrete codes address), not a bug; choose ``code_dim`` accordingly to ask a different question.
 """
 

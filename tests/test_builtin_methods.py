@@ -1,4 +1,4 @@
-"""Tests of the baselines (src/lsgs/methods/, src/lsgs/nn/autoencoder.py): end to end through the
+"""Tests of the built-in baseline methods (src/lsgs/methods/, src/lsgs/nn/autoencoder.py): end to end through the
 evaluation harness on the demo data, learned statistics against numpy references from the dataset arrays, the
 harness's metrics against sklearn / exhaustive references on maps computed outside it, and every raise."""
 
@@ -545,7 +545,7 @@ def test_fit_is_seeded(brats_dm: BraTSDataModule) -> None:
         torch.testing.assert_close(first[key], second[key], rtol=0, atol=0)
 
 
-def test_unfitted_baselines_refuse_to_score(mvtec_dm: MVTecDataModule, tmp_path: Path) -> None:
+def test_unfitted_methods_refuse_to_score(mvtec_dm: MVTecDataModule, tmp_path: Path) -> None:
     batch = default_collate([mvtec_dm.dataset("test")[0]])
     with pytest.raises(ConfigError, match=r"ae method has no learned state: run trainer.fit first"):
         AutoencoderBaseline(**TINY).raw_anomaly_map(batch)
@@ -631,7 +631,7 @@ def test_config_errors() -> None:
     module = AutoencoderBaseline(variational=True, in_channels=1, **TINY, lr=2e-3, weight_decay=1e-4,
                                  smoothing=False)
     assert module.num_image_channels == 1 and module.smoothing is False
-    # The pipeline fits before testing exactly the baselines that learn by gradient descent.
+    # The pipeline fits before testing exactly the methods that learn by gradient descent.
     assert AutoencoderBaseline.requires_fit
     assert not IntensityBaseline.requires_fit and not PixelGaussianBaseline.requires_fit
     assert module.hparams.smoothing is False and module.hparams.kl_weight == 0.01
