@@ -171,8 +171,15 @@ def test_baseline_runs_through_harness(method: str, dataset: str, dms: dict, tmp
     assert results["method"] == method and results["num_test_images"] == len(dm.dataset("test"))
     assert set(results["per_category"]) == set(dm.test_categories)
     for name, value in results["mean"].items():
-        # BraTS evaluates tumour slices only: one image class, so image AUROC is undefined (nan).
-        assert math.isfinite(value) or (dataset == "brats" and name == "image_auroc"), (name, value)
+        # BraTS evaluates tumour slices only (every demo test slice has tumour): one image class, so the image
+        # AUROC is undefined, NaN, in every category and pooled; every other metric is a number.
+        undefined = dataset == "brats" and name == "image_auroc"
+        assert math.isnan(value) if undefined else math.isfinite(value), (name, value)
+    if dataset == "brats":
+        data = dm.dataset("test")
+        assert all(data.items[i].label == 1 for i in range(len(data)))
+        assert math.isnan(results["pooled"]["image_auroc"])
+        assert all(math.isnan(values["image_auroc"]) for values in results["per_category"].values())
     assert {"val_threshold", "image_threshold"} <= set(json.loads((tmp_path / "calibration.json").read_text()))
     assert len(list((tmp_path / "heatmaps").glob("*.png"))) == len(dm.test_categories)
     assert module.results["method_info"] == module.method_info()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ast
 import csv
 import json
 import shutil
@@ -112,8 +113,38 @@ def test_the_report_lists_the_toy_row(toy_run: Path, tmp_path: Path) -> None:
     assert "<td>toy</td><td>method</td>" in (run_dir / "report.html").read_text()
 
 
-def test_the_toy_class_is_a_plain_harness_subclass() -> None:
-    assert MeanDifference.__module__ == "toy_method" and "lsgs" not in MeanDifference.__module__
+# What a method defined outside lsgs may import: the public API (lsgs.evaluation), torch and typing.
+PUBLIC_IMPORTS = ("lsgs.evaluation", "torch", "typing", "__future__")
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module ``path`` imports (``import a.b`` -> ``a.b``; ``from a.b import c`` -> ``a.b``; relative imports
+    as ``.``), wherever the import is (``ast``)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            found.add("." * node.level + (node.module or ""))
+    return found
+
+
+def only_public_imports(path: Path) -> list[str]:
+    """The imports of ``path`` outside PUBLIC_IMPORTS (a module or a submodule of one)."""
+    return sorted(m for m in imported_modules(path) if not any(m == p or m.startswith(p + ".") for p in PUBLIC_IMPORTS))
+
+
+def test_the_toy_class_is_a_harness_subclass_using_the_public_api_only(tmp_path: Path) -> None:
+    from lsgs.evaluation import AnomalyMapModule
+
+    assert issubclass(MeanDifference, AnomalyMapModule) and MeanDifference.__module__ == "toy_method"
+    assert only_public_imports(Path(__file__).with_name("toy_method.py")) == []
+    # The check sees a reach into lsgs internals, wherever the import is.
+    source = tmp_path / "mine.py"
+    source.write_text("import torch.nn\nfrom lsgs.evaluation import AnomalyMapModule\nfrom lsgs.evaluationx import y\n"
+                      "def f():\n    from lsgs.nn.restoration import smooth_anomaly_map\n    import numpy\n"
+                      "from . import sibling\n")  # fmt: skip
+    assert only_public_imports(source) == [".", "lsgs.evaluationx", "lsgs.nn.restoration", "numpy"]
 
 
 def test_method_names_come_from_config_files_and_the_command_line(tmp_path: Path) -> None:
