@@ -20,8 +20,22 @@ def _plan(config: Path, tmp_path: Path):
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
 def test_config_parses_and_plans(config: Path, tmp_path: Path) -> None:
+    """Every shipped experiment plans, and every method it evaluates gets each shared harness argument with the
+    scoring stage's value (the signature default when neither sets it), whatever its own method-set entry says."""
+    from lsgs.evaluation import AnomalyMapModule
+    from lsgs.options import signature_defaults
+    from lsgs.run.plan import harness_arguments
+
     experiment = _plan(config, tmp_path)
     assert "scoring" in experiment.plans and "vqvae" in experiment.plans, config.name
+    methods = experiment.method_plans()
+    assert methods, config.name  # every shipped experiment evaluates methods beside LSGS
+    defaults = signature_defaults(AnomalyMapModule)
+    scoring = _init_args(experiment, "scoring")
+    for plan in methods:
+        init_args = plan.config["model"]["init_args"]
+        for name in harness_arguments():
+            assert init_args.get(name, defaults[name]) == scoring.get(name, defaults[name]), (plan.spec.name, name)
 
 
 def _init_args(experiment, stage: str) -> dict:
@@ -75,3 +89,4 @@ def test_the_old_methods_key_is_refused_in_one_line(tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match=match):
             parse_experiment([*argv, "--run_dir", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
+

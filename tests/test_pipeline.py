@@ -162,6 +162,45 @@ def test_changed_config_reruns_that_stage_and_the_later_ones(
     assert done_mtimes(run_dir) == after
 
 
+def plan_tiny(root: Path, cache: Path, run_dir: Path, *extra: str) -> dict[str, bool]:
+    """Plan the tiny experiment over ``run_dir`` (nothing runs or is written): stage -> finished with this config."""
+    from lsgs.run import parse_experiment, plan_experiment
+
+    _, config = parse_experiment(tiny_args(root, cache, run_dir, *extra))
+    return {stage: plan.is_done() for stage, plan in plan_experiment(config).plans.items()}
+
+
+def callback(name: str, **init_args: object) -> str:
+    """A one-callback ``trainer.callbacks`` value: Lightning's callback ``name`` with ``init_args``."""
+    return json.dumps([{"class_path": f"lightning.pytorch.callbacks.{name}", "init_args": init_args}])
+
+
+@pytest.mark.parametrize(
+    ("extra", "rerun_from"),
+    [
+        ([f"--vqvae.trainer.callbacks={callback('EarlyStopping', monitor='val/loss')}"], "vqvae"),
+        ([f"--transformer.trainer.callbacks={callback('StochasticWeightAveraging', swa_lrs=0.01)}"], "transformer"),
+        # Shared trainer settings reach every stage.
+        ([f"--trainer.callbacks={callback('GradientAccumulationScheduler', scheduling={0: 2})}"], "vqvae"),
+        # Display and logging only: nothing re-runs.
+        ([f"--trainer.callbacks={callback('TQDMProgressBar', refresh_rate=5)}"], None),
+        ([f"--vqvae.trainer.callbacks={callback('RichProgressBar')}",
+          f"--transformer.trainer.callbacks={callback('LearningRateMonitor')}"], None),
+        (["--trainer.log_every_n_steps=7", "--vqvae.trainer.enable_model_summary=false"], None),
+    ],
+    ids=["early-stopping", "swa", "grad-accumulation", "progress-bar", "rich-bar+lr-monitor", "log-every-n-steps"],
+)
+def test_callbacks_that_change_training_rerun_their_stage(
+    tiny_run: Path, demo_mvtec_root: Path, data_cache_dir: Path, extra: list[str], rerun_from: str | None
+) -> None:
+    """A callback that may change what a stage computes is in its hash: the stage and the later ones re-run; one that
+    only displays or logs, and the logging interval, are not (planned over the finished tiny run)."""
+    assert all(plan_tiny(demo_mvtec_root, data_cache_dir, tiny_run).values())
+    done = plan_tiny(demo_mvtec_root, data_cache_dir, tiny_run, *extra)
+    expected = [rerun_from is None or STAGES.index(stage) < STAGES.index(rerun_from) for stage in STAGES]
+    assert [done[stage] for stage in STAGES] == expected, done
+
+
 def test_a_run_folder_of_an_older_layout_fails_in_one_line(
     tiny_run: Path, tmp_path: Path, demo_mvtec_root: Path, data_cache_dir: Path
 ) -> None:

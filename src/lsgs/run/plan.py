@@ -167,7 +167,9 @@ def plan_experiment(config: Namespace, reuse_dirs: Sequence[str | Path] = ()) ->
             raise ConfigError(f"stage '{stage}' has no model: set {stage}.model in the experiment config")
         inputs = stage_inputs(stage, config.aggregate, experiment.has_transformer)
         stage_config = _stage_config(config, stage, data_channels)
-        validate_stage_config(stage, stage_config)
+        # A copy: jsonargparse's parse_object turns nested dicts (callback configs) into Namespaces in place, which
+        # the stage hash and its filter of presentation callbacks must not see.
+        validate_stage_config(stage, copy.deepcopy(stage_config))
         upstream = {arg: experiment.plans[src].digest if src else None for arg, src in inputs.items()}
         digest = _stage_digest(stage, stage_config, upstream)
         layout = _find_stage_layout(experiment, stage, digest)
