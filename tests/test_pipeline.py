@@ -225,20 +225,31 @@ def test_a_run_folder_of_an_older_layout_fails_in_one_line(
 def test_killed_run_resumes_and_equals_the_uninterrupted_run(
     tiny_run: Path, tmp_path: Path, demo_mvtec_root: Path, data_cache_dir: Path
 ) -> None:
-    """SIGKILL in the middle of stage 1's second epoch, then in stage 4's second epoch; each re-run resumes from
-    the last epoch-end checkpoint (with its RNG state) and the final results equal the uninterrupted run's."""
+    """SIGKILL from inside the checkpoint write at the end of stage 1's second epoch (half of the temporary file
+    written), then SIGKILL in the middle of stage 4's second epoch; each re-run resumes from the last complete
+    epoch-end checkpoint (with its RNG state) and the final results equal the uninterrupted run's."""
     run_dir = tmp_path / "killed"
     args = tiny_args(demo_mvtec_root, data_cache_dir, run_dir)
-    first = run_cli(["pipeline", *args, "--fault_injection=vqvae:1:1"], check=False)
-    assert first.returncode == -signal.SIGKILL
-    assert (run_dir / "vqvae" / "checkpoints" / "last.ckpt").is_file()
+    checkpoints = run_dir / "vqvae" / "checkpoints"
+    first = run_cli(["pipeline", *args, "--fault_injection=vqvae:1:1:CHECKPOINT"], check=False)
+    assert first.returncode == -signal.SIGKILL, first.stderr[-2000:]
+    # The kill came while the epoch-1 checkpoint was being written: last.ckpt is still epoch 0's, whole, and the
+    # half-written file sits beside it under a temporary name.
+    partial = [p for p in checkpoints.iterdir() if p.name != "last.ckpt"]
+    assert [p.name.startswith(".last.ckpt.") and p.name.endswith(".tmp") for p in partial] == [True], partial
+    last = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["epoch"] == 0 and 0 < partial[0].stat().st_size < (checkpoints / "last.ckpt").stat().st_size
     assert not (run_dir / "vqvae" / "done.json").exists()
-    second = run_cli(["pipeline", *args, "--fault_injection=transformer:1:0"], check=False)
-    assert second.returncode == -signal.SIGKILL
+    # Stage 4 has 6 batches per epoch (42 images, batch 8): batch 3 of epoch 1 is in the middle of the epoch.
+    second = run_cli(["pipeline", *args, "--fault_injection=transformer:1:3"], check=False)
+    assert second.returncode == -signal.SIGKILL, second.stderr[-2000:]
     assert "vqvae: resuming from" in second.stdout
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt"]  # the partial file was removed
     assert (run_dir / "finetune" / "done.json").is_file() and not (
         run_dir / "transformer" / "done.json"
     ).exists()
+    resumed = torch.load(run_dir / "transformer" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert (resumed["epoch"], resumed["global_step"]) == (0, 6)  # 3 optimiser steps after it are lost
     third = run_cli(["pipeline", *args])
     assert "transformer: resuming from" in third.stdout
     assert_close(metrics_of(run_dir), metrics_of(tiny_run), tol=0.0)
@@ -304,17 +315,27 @@ def test_two_process_ddp_run_equals_the_single_process_run(
 
 
 def test_single_stage_cli_reruns_a_saved_stage_config(tiny_run: Path, tmp_path: Path) -> None:
-    proc = run_cli(
+    """``lsgs validate -c vqvae/config.yaml`` with the stage's final weights gives the validation L1 of the stage's
+    last epoch (its done.json and its own CSV log) to the last bit."""
+    logger = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path)}}
+    run_cli(
         [
             "validate",
             "--config",
             str(tiny_run / "vqvae" / "config.yaml"),
             f"--ckpt_path={tiny_run / 'vqvae' / 'vqvae.ckpt'}",
             f"--trainer.default_root_dir={tmp_path}",
-            "--trainer.logger=false",
+            f"--trainer.logger={json.dumps(logger)}",
         ]
     )
-    assert "val/l1" in proc.stdout
+    (log,) = tmp_path.glob("*/version_*/metrics.csv")
+    with log.open() as handle:
+        (row,) = list(csv.DictReader(handle))
+    recorded = json.loads((tiny_run / "vqvae" / "done.json").read_text())["metrics"]["val/l1"]
+    with (tiny_run / "vqvae" / "logs" / "metrics.csv").open() as handle:
+        logged = [float(r["val/l1"]) for r in csv.DictReader(handle) if r["val/l1"]]
+    assert len(logged) == 2  # one validation per epoch
+    assert float(row["val/l1"]) == recorded == logged[-1]
 
 
 def test_help_on_every_command(capsys: pytest.CaptureFixture[str]) -> None:

@@ -6,20 +6,37 @@ import io
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+# Temporary files of atomic writes: ``.<final name>.<random>.tmp`` beside the final file.
+_TMP_PREFIX, _TMP_SUFFIX = ".", ".tmp"
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same directory, fsync, then rename."""
+
+def atomic_write_bytes(
+    path: str | os.PathLike, data: bytes | memoryview, interrupt: Callable[[], None] | None = None
+) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same directory, fsync, then rename.
+
+    ``interrupt`` (fault-injection tests only) is called once half of ``data`` is in the temporary file: a process
+    killed there leaves ``path`` as it was, and a partial temporary file that nothing reads
+    (``remove_partial_writes`` deletes it).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            view = memoryview(data).cast("B")
+            half = len(view) // 2 if interrupt is not None else len(view)
+            handle.write(view[:half])
+            if interrupt is not None:
+                handle.flush()
+                interrupt()
+            handle.write(view[half:])
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
@@ -28,6 +45,18 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             os.unlink(tmp_name)
         raise
     return path
+
+
+def remove_partial_writes(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that interrupted atomic writes left in ``folder`` (nothing reads them, and a
+    checkpoint's may be large); returns them. Call it only when no write into ``folder`` is under way."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    partial = sorted(folder.glob(f"{_TMP_PREFIX}*{_TMP_SUFFIX}"))
+    for tmp in partial:
+        tmp.unlink(missing_ok=True)
+    return partial
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -91,7 +91,10 @@ def build_parser(method_names: Sequence[str] | None = None) -> ArgumentParser:
         help="the other evaluated methods, one section each (or a method-set file of such sections)",
     )
     parser.add_argument(
-        "--fault_injection", type=str | None, default=None, help="testing only: STAGE:EPOCH:BATCH[:KILL|TERM]"
+        "--fault_injection",
+        type=str | None,
+        default=None,
+        help="testing only: STAGE:EPOCH:BATCH[:KILL|TERM|CHECKPOINT] (lsgs.callbacks.FaultInjection)",
     )
     return parser
 

@@ -16,8 +16,11 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+from lightning.pytorch.plugins import CheckpointIO
+
+from lsgs.classpath import import_class
 from lsgs.errors import ConfigError
-from lsgs.io import atomic_write_json, atomic_write_text, read_json, read_json_or_none
+from lsgs.io import atomic_write_json, atomic_write_text, read_json, read_json_or_none, remove_partial_writes
 from lsgs.layout import LAYOUT_VERSION, METHOD_STAGE_PREFIX, RunLayout
 from lsgs.machine import cpu_name
 from lsgs.run.experiment import ALL_METHODS, STAGE_NAMES
@@ -102,6 +105,9 @@ def _run_stage(experiment: Experiment, plan: StagePlan, run_info: dict[str, Any]
     config = _inject_run_settings(experiment, plan, run_info)
     last = layout.last_checkpoint
     resume = plan.spec.trainer_fn in ("fit", "fit_test") and last.is_file()
+    if is_global_zero():
+        # What a run killed while saving left beside last.ckpt (which the atomic writer kept whole).
+        remove_partial_writes(layout.checkpoints_dir)
     print(f"[lsgs] {stage}: {'resuming from ' + str(last) if resume else 'starting'} ({layout.folder})", flush=True)
     cli = instantiate_stage(config)
     trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
@@ -201,13 +207,25 @@ def _inject_run_settings(experiment: Experiment, plan: StagePlan, run_info: dict
         )
         fault = experiment.config.get("fault_injection")
         if fault and fault.split(":")[0] == stage:
-            _, epoch, batch, *signal_name = fault.split(":")
-            fault_args = {"epoch": int(epoch), "batch": int(batch), "signal_name": "".join(signal_name) or "KILL"}
+            _, epoch, batch, *mode = fault.split(":")
+            fault_args = {"epoch": int(epoch), "batch": int(batch), "mode": "".join(mode) or "KILL"}
             callbacks.append({"class_path": "lsgs.callbacks.FaultInjection", "init_args": fault_args})
+        trainer["plugins"] = _with_atomic_checkpoints(trainer.get("plugins"))
     else:
         trainer["enable_checkpointing"] = False
     trainer["callbacks"] = callbacks
     return config
+
+
+def _with_atomic_checkpoints(plugins: Any) -> list[Any]:
+    """The trainer's ``plugins`` plus ``lsgs.callbacks.AtomicCheckpointIO`` (checkpoints written atomically in their
+    own folder), unless the config names a checkpoint writer of its own."""
+    plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list | tuple) else [plugins]
+    for plugin in plugins:
+        class_path = plugin.get("class_path") if isinstance(plugin, dict) else None
+        if class_path and issubclass(import_class(class_path), CheckpointIO):
+            return plugins
+    return [*plugins, {"class_path": "lsgs.callbacks.AtomicCheckpointIO"}]
 
 
 def _to_float(value: Any) -> Any:
