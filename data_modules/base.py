@@ -349,7 +349,8 @@ class AnomalyDataModule(pl.LightningDataModule, abc.ABC):
         )
 
     def train_eval_dataloader(self) -> DataLoader:
-        """The whole train split in order, without augmentation (k-means encoding, training statistics of the baseline methods)."""
+        """The whole train split in order, without augmentation (k-means encoding, training statistics of the
+        baseline methods)."""
         return self._eval_loader("train_eval")
 
     def val_dataloader(self) -> DataLoader:

@@ -527,6 +527,39 @@ def test_vae_kl_term_and_deterministic_scoring(mvtec_dm: MVTecDataModule) -> Non
     assert "kl" not in AutoencoderBaseline(**TINY).compute_losses(batch["image"])
 
 
+def test_vae_noise_is_drawn_per_image_so_ddp_splits_give_the_single_process_gradient(
+    mvtec_dm: MVTecDataModule,
+) -> None:
+    """The VAE's latent noise comes from (seed, epoch, dataset index): an image gets the same noise in any batch, so
+    the mean of two half-batch gradients (what DDP all-reduces) is the whole batch's gradient, as for the AE."""
+    torch.manual_seed(0)
+    module = AutoencoderBaseline(variational=True, kl_weight=0.5, **TINY).train()
+    batch = default_collate([mvtec_dm.dataset("train_eval")[i] for i in range(4)])
+    images, indices = batch["image"], batch["index"]
+    size = images.shape[-2:]
+    noise = module.latent_noise(indices, size)
+    assert noise.shape == (4, 8, size[0] // 4, size[1] // 4)  # [B, D, H/f, W/f], f = 4 with channels [8, 16]
+    torch.testing.assert_close(module.latent_noise(indices[2:], size), noise[2:], rtol=0, atol=0)
+    # seed 0, epoch 0: ((0 * 1_000_003 + 0 + 1) * 1_000_000_007 + index)
+    reference = torch.randn(*noise.shape[1:], generator=torch.Generator().manual_seed(1_000_000_007 + int(indices[1])))
+    torch.testing.assert_close(noise[1], reference, rtol=0, atol=0)
+    assert not torch.equal(AutoencoderBaseline(variational=True, seed=1, **TINY).latent_noise(indices, size), noise)
+
+    def gradient(rows: slice) -> torch.Tensor:
+        module.zero_grad()
+        module.compute_losses(images[rows], indices[rows])["loss"].backward()
+        return torch.cat([p.grad.flatten() for p in module.parameters()])
+
+    whole, halves = gradient(slice(0, 4)), (gradient(slice(0, 2)) + gradient(slice(2, 4))) / 2
+    torch.testing.assert_close(halves, whole, rtol=1e-5, atol=1e-7)
+    # Noise from the global generator (no indices) gives another gradient: the check can tell.
+    module.zero_grad()
+    module.compute_losses(images)["loss"].backward()
+    assert not torch.allclose(torch.cat([p.grad.flatten() for p in module.parameters()]), whole, rtol=1e-3)
+    with pytest.raises(ValueError, match="noise must be the latent's shape"):
+        module.net(images, noise=noise[:, :2])
+
+
 def test_autoencoder_in_channels_mismatch(brats_dm: BraTSDataModule) -> None:
     with pytest.raises(ConfigError, match=r"model.in_channels=3 but BraTSDataModule yields 1-channel"):
         trainer(max_epochs=1).fit(AutoencoderBaseline(in_channels=3, **TINY), datamodule=brats_dm)
@@ -537,7 +570,7 @@ def test_autoencoder_in_channels_mismatch(brats_dm: BraTSDataModule) -> None:
 def test_nan_loss_raises_training_diverged() -> None:
     module = AutoencoderBaseline(variational=True, **TINY)
     with pytest.raises(TrainingDivergedError, match=r"vae loss is not finite .*lower model.lr"):
-        module.training_step({"image": torch.full((2, 3, 8, 8), float("nan"))}, 0)
+        module.training_step({"image": torch.full((2, 3, 8, 8), float("nan")), "index": torch.arange(2)}, 0)
 
 
 def test_fit_is_seeded(brats_dm: BraTSDataModule) -> None:

@@ -101,12 +101,12 @@ def test_scoring_and_harness_declare_a_check_for_arguments_they_have() -> None:
 
 def test_the_study_reads_its_grid_and_defaults_from_scoring_module() -> None:
     assert study.GRID_OPTIONS is ScoringModule.option_checks
-    assert study.SCORING_DEFAULTS == {
+    assert {
         **{n: p.default for n, p in inspect.signature(AnomalyMapModule.__init__).parameters.items()
            if p.default is not p.empty},
         **{n: p.default for n, p in inspect.signature(ScoringModule.__init__).parameters.items()
            if p.default is not p.empty},
-    }  # fmt: skip
+    } == study.SCORING_DEFAULTS  # fmt: skip
     assert study.SCORING_DEFAULTS["nll_quantile"] == 0.9 and study.SCORING_DEFAULTS["val_quantile"] == 0.99
     # A grid value fails with the same rule as the constructor.
     with pytest.raises(ConfigError, match=r'^--grid: map_reference="image" must be one of') as grid_error:

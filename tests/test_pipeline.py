@@ -271,11 +271,21 @@ def test_sigterm_exits_non_zero_and_the_rerun_resumes(
     assert (run_dir / "scoring" / "done.json").is_file()
 
 
+def method_metrics(run_dir: Path) -> dict[str, dict]:
+    """The metrics and calibration of every other method of a run (``methods/<name>/results.json``)."""
+    found = {}
+    for results in sorted((run_dir / "methods").glob("*/results.json")):
+        values = json.loads(results.read_text())
+        found[results.parent.name] = {k: values[k] for k in ("per_category", "pooled", "calibration")}
+    return found
+
+
 def test_two_process_ddp_run_equals_the_single_process_run(
-    tiny_run: Path, tmp_path: Path, demo_mvtec_root: Path, data_cache_dir: Path
+    tiny_run: Path, tiny_run_with_methods: Path, tmp_path: Path, demo_mvtec_root: Path, data_cache_dir: Path
 ) -> None:
-    """torchrun with 2 CPU processes (gloo), half the per-process batch: same samples per optimiser step, so
-    the same models up to float summation order, and the same metrics to 1e-4."""
+    """torchrun with 2 CPU processes (gloo), half the per-process batch, the methods on: same samples per optimiser
+    step, so the same models up to float summation order (the VAE's latent noise is drawn per image, the same in
+    both runs), and the same metrics to 1e-4 for LSGS and every method."""
     run_dir = tmp_path / "ddp"
     args = tiny_args(
         demo_mvtec_root,
@@ -284,6 +294,8 @@ def test_two_process_ddp_run_equals_the_single_process_run(
         "--data.batch_size=4",
         "--trainer.strategy=ddp",
         "--trainer.devices=2",
+        "--run_methods=true",
+        *TINY_METHODS,
     )
     logs = tmp_path / "torchrun-logs"
     # torchrun's own status is 0 only if every rank exited 0 (checked by run_cli); --tee also keeps each
@@ -293,19 +305,24 @@ def test_two_process_ddp_run_equals_the_single_process_run(
         launcher=[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--log-dir={logs}",
                   "--tee=3", "-m"],
     )
+    methods = method_metrics(tiny_run_with_methods)
+    assert {"intensity", "pixel_gaussian", "ae", "vae"} <= set(methods)
     rank_logs = {int(p.name): p for p in logs.glob("*/attempt_0/*") if p.is_dir()}
     assert sorted(rank_logs) == [0, 1], sorted(logs.rglob("*"))
     for rank, folder in rank_logs.items():
         stdout, stderr = (folder / "stdout.log").read_text(), (folder / "stderr.log").read_text()
         assert "terminate called" not in stderr and "Traceback" not in stderr, (rank, stderr[-2000:])
         # Every rank ran every stage; only rank 0 prints the final summary.
-        assert all(f"[lsgs] {stage}: starting" in stdout for stage in STAGES), (rank, stdout[-2000:])
+        stages = [*STAGES, *(f"methods.{name}" for name in methods)]
+        assert all(f"[lsgs] {stage}: starting" in stdout for stage in stages), (rank, stdout[-2000:])
         assert ("run directory:" in stdout) == (rank == 0), rank
     assert_close(metrics_of(run_dir), metrics_of(tiny_run), tol=1e-4)
     # Relative too for the normals' image-score spread, summed over the ranks (LSGS's tiny maps are ~1e-3).
     std = [metrics_of(run)["calibration"]["image_score_std"] for run in (run_dir, tiny_run)]
     assert std[0] == pytest.approx(std[1], rel=1e-3)
+    assert_close(method_metrics(run_dir), methods, tol=1e-4)
     assert json.loads((run_dir / "vqvae" / "done.json").read_text())["environment"]["world_size"] == 2
+    assert json.loads((run_dir / "methods" / "vae" / "done.json").read_text())["environment"]["world_size"] == 2
     # Only rank 0 wrote results, and nothing was written twice under another name.
     assert sorted(p.name for p in (run_dir / "scoring").glob("results*")) == [
         "results.csv",

@@ -26,7 +26,8 @@ GRID = {
 def studied(
     tiny_run: Path, tmp_path_factory: pytest.TempPathFactory, demo_mvtec_root: Path, data_cache_dir: Path
 ) -> Path:
-    """A copy of the tiny run plus its two cheap baseline methods, and one uninterrupted study over GRID (in-process)."""
+    """A copy of the tiny run plus its two cheap baseline methods, and one uninterrupted study over GRID
+    (in-process)."""
     from lsgs.pipeline import main as pipeline_main
 
     run_dir = copy_run(tiny_run, tmp_path_factory.mktemp("study"))

@@ -13,8 +13,8 @@ recomputed per row.
 
 Outputs: ``RUN/studies/<name>.{md,csv}`` (default name ``scoring``): one row per setting with pixel AUROC, pixel AP,
 Dice (best and validation threshold), AUPRO (when the run computes it) and image AUROC, and the run's LSGS row and
-its other methods (those of kind baseline are the floors) beside them, each study row with the command that reproduces it alone
-(``lsgs test -c RUN/scoring/config.yaml ... --model.init_args.<option>=<value>``, results in
+its other methods (those of kind baseline are the floors) beside them, each study row with the command that
+reproduces it alone (``lsgs test -c RUN/scoring/config.yaml ... --model.init_args.<option>=<value>``, results in
 ``RUN/studies/repro/<row id>/``; it never touches the run's own outputs).
 
 Resumable: each finished row is written atomically to ``RUN/studies/<name>/rows/<row id>.json``; a re-run skips

@@ -1,7 +1,8 @@
 """Anomaly-detection methods evaluated by the shared harness (``lsgs.evaluation``) besides LSGS.
 
-The built-in methods of kind ``baseline``, with the same data modules, ROI masking and smoothing, calibration on validation normals,
-metrics and output files as LSGS; a method that does not beat these floors is not worth its complexity:
+The built-in methods of kind ``baseline``, with the same data modules, ROI masking and smoothing, calibration on
+validation normals, metrics and output files as LSGS; a method that does not beat these floors is not worth its
+complexity:
 
 - ``intensity`` (``intensity.py``): the image itself, standardised with training statistics.
 - ``pixel_gaussian`` (``pixel_gaussian.py``): a per-pixel Gaussian of the training images.

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -13,7 +14,7 @@ from typing_extensions import override
 
 from lsgs.errors import ConfigError, TrainingDivergedError
 from lsgs.methods.base import MethodModule
-from lsgs.nn.autoencoder import ConvAutoencoder, kl_per_image_element
+from lsgs.nn.autoencoder import ConvAutoencoder, kl_per_image_element, per_image_normal
 from lsgs.nn.export import (
     EXAMPLE_BATCH,
     IMAGES,
@@ -54,6 +55,8 @@ class AutoencoderBaseline(MethodModule):
             Laplace likelihood the L1 loss stands for (see ``kl_per_image_element``), so it should be of the order
             of the reconstruction error; 0 gives an AE with a noisy latent.
         init_from: a checkpoint of a fitted AE/VAE of the same kind and shape to start from.
+        seed: seed of the VAE's latent noise, drawn per image from (seed, epoch, dataset index) so that a DDP run
+            draws the noise of a single-process run.
         **kwargs: the harness arguments of ``AnomalyMapModule``.
     """
 
@@ -79,6 +82,7 @@ class AutoencoderBaseline(MethodModule):
         weight_decay: float = 0.0,
         kl_weight: float = 0.01,
         init_from: str | None = None,
+        seed: int = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__(in_channels=in_channels, init_from=init_from, **kwargs)
@@ -105,9 +109,21 @@ class AutoencoderBaseline(MethodModule):
         """``[B, C, H, W]`` -> reconstruction ``[B, C, H, W]`` (sampled latent in training mode for the VAE)."""
         return self.net(images).reconstruction
 
-    def compute_losses(self, images: Tensor) -> dict[str, Tensor]:
-        """``loss = l1 + kl_weight * kl`` (``kl`` only for the VAE); the latent is sampled in training mode."""
-        out = self.net(images)
+    def latent_noise(self, indices: Tensor, image_size: Sequence[int]) -> Tensor:
+        """``[B, D, H/f, W/f]`` noise of the VAE's latent sample for the images of dataset ``indices`` ``[B]`` and
+        size ``[H, W]``: one generator per image, seeded by (seed, epoch, index) as the transformer's tampering."""
+        f = self.net.config.downsample_factor
+        shape = (self.net.config.code_dim, image_size[0] // f, image_size[1] // f)
+        # Distinct for every (seed, epoch, index) with index < 1e9 and epoch < 1e6.
+        base = (self.hparams.seed * 1_000_003 + self.current_epoch + 1) * 1_000_000_007
+        return per_image_normal([(base + int(i)) % 2**63 for i in indices.tolist()], shape, self.device)
+
+    def compute_losses(self, images: Tensor, indices: Tensor | None = None) -> dict[str, Tensor]:
+        """``loss = l1 + kl_weight * kl`` (``kl`` only for the VAE); the latent is sampled in training mode, with
+        noise seeded per image by the images' dataset ``indices`` ``[B]`` when given (``latent_noise``)."""
+        sampling = self.net.variational and self.training and indices is not None
+        noise = self.latent_noise(indices, images.shape[-2:]) if sampling else None
+        out = self.net(images, noise=noise)
         l1 = F.l1_loss(out.reconstruction.float(), images.float())
         losses = {"loss": l1, "l1": l1}
         if out.logvar is not None:
@@ -118,7 +134,7 @@ class AutoencoderBaseline(MethodModule):
 
     @override
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        losses = self.compute_losses(batch["image"])
+        losses = self.compute_losses(batch["image"], batch["index"])
         if not torch.isfinite(losses["loss"]):
             details = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
             raise TrainingDivergedError(

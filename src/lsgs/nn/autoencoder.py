@@ -8,13 +8,14 @@ unsupervised anomaly segmentation in brain MR images: a comparative study").
 
 Caveat worth knowing when reading their numbers: with ``D >= C * f**2`` values per latent position the
 continuous bottleneck is no narrower than the image and an AE can learn something close to the identity,
-reconstructing anomalies too. That is the known weakness of reconstruction-error baseline methods (it is what the VQ-VAE's
-discrete codes address), not a bug; choose ``code_dim`` accordingly to ask a different question.
+reconstructing anomalies too. That is the known weakness of reconstruction-error baseline methods (it is what the
+VQ-VAE's discrete codes address), not a bug; choose ``code_dim`` accordingly to ask a different question.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -76,6 +77,22 @@ def kl_per_image_element(mean: Tensor, logvar: Tensor, image_elements: int) -> T
         scalar float32.
     """
     return gaussian_kl(mean, logvar).flatten(1).sum(dim=1).mean() / image_elements
+
+
+def per_image_normal(seeds: Sequence[int], shape: Sequence[int], device: torch.device | str = "cpu") -> Tensor:
+    """Standard normal noise drawn from one generator per image, e.g. the VAE's latent noise seeded by each image's
+    dataset index: the noise of an image does not depend on how the data is batched or split over DDP ranks.
+
+    Args:
+        seeds: one seed per image.
+        shape: the shape of one image's noise, e.g. ``[D, h, w]``.
+        device: where the result goes (drawn on the CPU, so the numbers are the same on every device).
+
+    Returns:
+        ``[B, *shape]`` float32.
+    """
+    noise = [torch.randn(*shape, generator=torch.Generator().manual_seed(int(seed))) for seed in seeds]
+    return torch.stack(noise).to(device)
 
 
 class ConvAutoencoder(nn.Module):
@@ -143,19 +160,27 @@ class ConvAutoencoder(nn.Module):
             raise ValueError(f"z must be [B, {self.config.code_dim}, h, w], got shape {tuple(z.shape)}")
         return self.decoder(z)
 
-    def forward(self, x: Tensor, sample: bool | None = None) -> AutoencoderOutput:
+    def forward(self, x: Tensor, sample: bool | None = None, noise: Tensor | None = None) -> AutoencoderOutput:
         """Encode, (sample,) decode.
 
         Args:
             x: ``[B, C, H, W]`` with ``H`` and ``W`` divisible by ``config.downsample_factor``.
             sample: VAE only: decode a posterior sample (True) or the mean (False); None = ``self.training``.
+            noise: VAE only: the ``[B, D, H/f, W/f]`` standard normal ``eps`` of the sample
+                (``per_image_normal``); None draws it from the global generator.
 
         Returns:
             :class:`AutoencoderOutput`; ``reconstruction`` ``[B, C, H, W]``, the latents ``[B, D, H/f, W/f]``.
+
+        Raises:
+            ValueError: if ``noise`` is not the shape of the latent.
         """
         mean, logvar = self.encode(x)
         sample = self.training if sample is None else sample
         latent = mean
         if logvar is not None and sample:
-            latent = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+            if noise is not None and noise.shape != mean.shape:
+                raise ValueError(f"noise must be the latent's shape {tuple(mean.shape)}, got {tuple(noise.shape)}")
+            eps = torch.randn_like(mean) if noise is None else noise.to(mean)
+            latent = mean + torch.exp(0.5 * logvar) * eps
         return AutoencoderOutput(reconstruction=self.decode(latent), latent=latent, mean=mean, logvar=logvar)
