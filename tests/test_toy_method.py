@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_pipeline import copy_run, nut_test_images, run_detect, tiny_args
+from test_pipeline import REPO, STAGES, TINY_METHODS, copy_run, nut_test_images, run_detect, tiny_args
 from toy_method import TOY_CONFIG, TRAIN_MEAN, MeanDifference, toy_map
 
 from lsgs.methods import BUILTIN_METHODS
@@ -145,6 +145,46 @@ def test_the_toy_class_is_a_harness_subclass_using_the_public_api_only(tmp_path:
                       "def f():\n    from lsgs.nn.restoration import smooth_anomaly_map\n    import numpy\n"
                       "from . import sibling\n")  # fmt: skip
     assert only_public_imports(source) == [".", "lsgs.evaluationx", "lsgs.nn.restoration", "numpy"]
+
+
+def test_a_method_added_to_the_default_set_runs_with_the_built_ins(
+    tiny_run_with_methods: Path,
+    tmp_path: Path,
+    demo_mvtec_root: Path,
+    data_cache_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A built-in addition to the default set changes three files (README, "Methods"): its module (here
+    tests/toy_method.py), one line of BUILTIN_METHODS (patched here), one entry of the default method-set file (a
+    copy of experiments/methods/images.yaml, which a copy of the demo experiment composes with ``methods:``). The
+    default command then evaluates it beside the other methods, with no argument naming it."""
+    from lsgs.methods.registry import builtin_method_names
+    from lsgs.pipeline import main as pipeline_main
+
+    monkeypatch.setitem(BUILTIN_METHODS, "toy", "toy_method.MeanDifference")
+    experiments = tmp_path / "experiments"
+    (experiments / "methods").mkdir(parents=True)
+    shutil.copy(REPO / "experiments" / "demo_mvtec.yaml", experiments / "demo_mvtec.yaml")
+    entry = "toy:\n  model:\n    class_path: toy_method.MeanDifference\n"
+    (experiments / "methods" / "images.yaml").write_text((REPO / "experiments" / "methods" / "images.yaml").read_text()
+                                                         + entry)  # fmt: skip
+    run_dir = copy_run(tiny_run_with_methods, tmp_path)
+    finished = sorted(p.parent for p in run_dir.glob("**/done.json"))
+    before = {p: (p / "done.json").stat().st_mtime_ns for p in finished}
+    args = tiny_args(demo_mvtec_root, data_cache_dir, run_dir, "--run_methods=true", *TINY_METHODS)
+    args[args.index(str(REPO / "experiments" / "demo_mvtec.yaml"))] = str(experiments / "demo_mvtec.yaml")
+    assert not any("toy" in argument for argument in args)
+    pipeline_main(args)
+    assert builtin_method_names()[-1] == "toy"
+    results = json.loads((run_dir / "methods" / "toy" / "results.json").read_text())
+    assert results["method"] == "toy" and results["kind"] == "method"
+    # LSGS and the other methods finished earlier with the same configs: skipped, not re-run.
+    assert {p: (p / "done.json").stat().st_mtime_ns for p in finished} == before
+    assert {p.name for p in finished} >= {*STAGES, "intensity", "pixel_gaussian", "ae", "vae"}
+    with (run_dir / "summary.csv").open() as handle:
+        rows = {r["method"]: r["kind"] for r in csv.DictReader(handle)}
+    assert set(rows) == {"LSGS", "toy", *(p.name for p in finished if p.name not in STAGES)}
+    assert rows["toy"] == "method" and rows["ae"] == "baseline"
 
 
 def test_method_names_come_from_config_files_and_the_command_line(tmp_path: Path) -> None:
