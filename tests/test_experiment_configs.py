@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lsgs.run import parse_experiment, plan_experiment
 
@@ -49,9 +50,11 @@ def test_recommended_configs_use_the_studied_scoring(recommended: str, tmp_path:
     assert (scoring["map_reference"], scoring["reconstruction_weight"], scoring["nll_quantile"]) == (
         "input", 0.5, 0.9
     )
-    assert {p.split(".", 1)[1] for p in experiment.plans if p.startswith("methods.")} == {
-        "intensity", "pixel_gaussian", "ae", "vae"
-    }
+    # The default method set for images (brats_cpu: for BraTS), as its file declares it.
+    method_set = REPO / "experiments" / "methods" / ("brats.yaml" if recommended.startswith("brats") else "images.yaml")
+    assert {p.split(".", 1)[1] for p in experiment.plans if p.startswith("methods.")} == set(
+        yaml.safe_load(method_set.read_text())
+    )
     # Same models and budget as the development-set configuration the study trained.
     base = _plan(REPO / "experiments" / "mvtec3d.yaml", tmp_path)
     for stage in ("vqvae", "transformer"):

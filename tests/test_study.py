@@ -14,6 +14,7 @@ from test_pipeline import copy_run, run_cli, tiny_args
 
 import lsgs.study as study
 from lsgs.errors import ConfigError
+from lsgs.methods import BUILTIN_METHODS
 
 GRID = {
     "map_reference": ["reconstruction", "input"],
@@ -31,8 +32,9 @@ def studied(
     from lsgs.pipeline import main as pipeline_main
 
     run_dir = copy_run(tiny_run, tmp_path_factory.mktemp("study"))
-    untrained_only = ["--run_methods=true", "--methods.ae.model=null", "--methods.vae.model=null"]
-    pipeline_main(tiny_args(demo_mvtec_root, data_cache_dir, run_dir, *untrained_only))
+    cheap = ("intensity", "pixel_gaussian")
+    others_off = [f"--methods.{name}.model=null" for name in BUILTIN_METHODS if name not in cheap]
+    pipeline_main(tiny_args(demo_mvtec_root, data_cache_dir, run_dir, "--run_methods=true", *others_off))
     study.main(["scoring", f"--run_dir={run_dir}", f"--grid={json.dumps(GRID)}", "--name=full"])
     return run_dir
 
