@@ -343,7 +343,7 @@ def test_only_the_owner_spells_a_choice_list() -> None:
     assert copied_lists(discover_modules()) == []
     declared = declared_lists(discover_modules())
     # The lists the options are checked against are among them (declared by their owners).
-    for choices, owner in ((("reconstruction", "input"), "lsgs.modules.scoring.MAP_REFERENCES"),
+    for choices, owner in ((("reconstruction", "input"), "lsgs.nn.restoration.MAP_REFERENCES"),
                            (("all", "category"), "lsgs.modules.scoring.NLL_THRESHOLD_SCOPES"),
                            (("all", "roi"), "lsgs.evaluation.harness.METRIC_REGIONS"),
                            (("max", "topk_mean"), "lsgs.nn.image_score.IMAGE_SCORES"),

@@ -14,13 +14,13 @@ from lsgs.errors import ConfigError
 from lsgs.evaluation import AnomalyMapModule
 from lsgs.evaluation.harness import HARNESS_OPTIONS, METRIC_REGIONS
 from lsgs.modules.scoring import (
-    MAP_REFERENCES,
     NLL_THRESHOLD_SCOPES,
     RESTORATION_OPTIONS,
     SCORING_OPTIONS,
     ScoringModule,
 )
 from lsgs.nn.image_score import IMAGE_SCORES
+from lsgs.nn.restoration import MAP_REFERENCES
 from lsgs.options import check_options, flag, fraction, integer, number, one_of, show, signature_defaults
 
 

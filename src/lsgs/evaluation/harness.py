@@ -346,7 +346,7 @@ class AnomalyMapModule(LightningModule, abc.ABC):
         count, total, total_sq = self.trainer.strategy.reduce(self._image_moments, reduce_op="sum").tolist()
         if count == 0:
             return math.nan
-        # One-pass moments, as the statistics baselines (their sums all-reduce by plain summation); in float64.
+        # One-pass moments, as the statistics methods (their sums all-reduce by plain summation); in float64.
         mean = total / count
         return math.sqrt(max(total_sq / count - mean * mean, 0.0))
 

@@ -38,6 +38,7 @@ from lsgs.nn.export import (
     VQVAEReconstructionMapGraph,
 )
 from lsgs.nn.restoration import (
+    MAP_REFERENCES,
     code_nll,
     image_noise_seeds,
     per_image_uniforms,
@@ -48,7 +49,6 @@ from lsgs.nn.restoration import (
 )
 from lsgs.options import Check, check_options, fraction, integer, number, one_of
 
-MAP_REFERENCES = ("reconstruction", "input")
 NLL_THRESHOLD_SCOPES = ("all", "category")
 # The checks of ScoringModule's own options (its harness options are AnomalyMapModule's); with those, the keys of
 # an ``lsgs study scoring`` grid.

@@ -4,7 +4,7 @@ A method (``AnomalyMapModule.export_graphs``) returns a :class:`MethodExport`: n
 with named example inputs and named outputs, plus the ``runtime`` that says how they are combined:
 
 - ``map``: one graph ``map``, ``images`` (+ ``class_index``) -> ``map`` (+ ``image_score``), the raw map of the
-  method's ``raw_anomaly_map`` (the statistics baselines, the AE/VAE, LSGS without a transformer, and the
+  method's ``raw_anomaly_map`` (the statistics methods, the AE/VAE, LSGS without a transformer, and the
   feature methods: PatchCore's nearest-neighbour search is a matrix product and a minimum inside the graph,
   HVQ-Trans takes the class as ``class_index``);
 - ``restoration`` (LSGS): ``encoder``, ``transformer`` and ``decoder`` graphs; the resampling, the decoding of the
@@ -12,7 +12,7 @@ with named example inputs and named outputs, plus the ``runtime`` that says how 
   resampled codes depends on the data and the noise comes from a per-image seed.
 
 The graph wrappers of the nets of this package are here too; a method whose maths lives elsewhere (the statistics
-baselines) defines its own next to it. Every graph here is traceable: the value checks of the nets step aside
+methods) defines its own next to it. Every graph here is traceable: the value checks of the nets step aside
 while a graph is recorded (``lsgs.nn.tracing``).
 """
 

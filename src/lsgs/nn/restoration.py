@@ -26,6 +26,9 @@ from torch import Tensor
 
 from lsgs.nn.transformer import CodeTransformer, check_code_range
 
+# What the restoration error of the map is measured against (``restoration_score_map``): ``X_hat`` or ``X``.
+MAP_REFERENCES = ("reconstruction", "input")
+
 
 def code_nll(logits: Tensor, codes: Tensor) -> Tensor:
     """Negative log-likelihood of each code under the model's per-position categorical distribution.
@@ -300,8 +303,8 @@ def restoration_score_map(
     Returns:
         [B, 1, H, W] float32.
     """
-    if map_reference not in ("reconstruction", "input"):
-        raise ValueError(f"map_reference must be 'reconstruction' or 'input', got {map_reference!r}")
+    if map_reference not in MAP_REFERENCES:
+        raise ValueError(f"map_reference must be one of {list(MAP_REFERENCES)}, got {map_reference!r}")
     reference = reconstruction if map_reference == "reconstruction" else images
     anomaly = restoration_anomaly_map(reference, restorations, k)  # [B, 1, H, W]
     if reconstruction_weight:
