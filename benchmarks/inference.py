@@ -159,6 +159,8 @@ class Runtime:
     flops_of: str = "today"  # which torch path's FLOP count applies
     threshold: float = float("nan")
     note: str = ""
+    seed: int = 0  # of the resampling noise, as ScoringModule's seed
+    timed: bool = True
 
 
 @dataclass
@@ -176,7 +178,8 @@ def score(runtime: Runtime, models: Models, images: Tensor, seeds: list[int], n:
         b, h, w = codes.shape
         flat = codes.flatten(1)  # [B, L]
         logits = runtime.logits(flat)  # [B, L, K]
-        noise = per_image_uniforms(seeds, n, h * w)  # [B, n, L]
+        # ScoringModule's per-image seeds: seed * 1_000_003 + dataset index.
+        noise = per_image_uniforms([runtime.seed * 1_000_003 + s for s in seeds], n, h * w)  # [B, n, L]
         restored = restore_global(logits, flat, runtime.threshold, n, uniforms=noise)  # [B, n, L]
         if runtime.one_call:
             x_hat, decoded = decode_restorations(runtime.decode, flat, restored, (h, w))
@@ -218,6 +221,16 @@ def torch_runtimes(models: Models) -> list[Runtime]:
         # Lightning's test loop runs under inference_mode (Trainer(inference_mode=True), the default).
         Runtime("today", True, tr, vq.decode_indices, one_call=False, context=torch.inference_mode),
         Runtime("exact", True, tr, table, one_call=True, context=torch.inference_mode, flops_of="exact"),
+        Runtime(
+            "today, resampling seed 1",
+            False,
+            tr,
+            vq.decode_indices,
+            one_call=False,
+            seed=1,
+            timed=False,
+            note="today's path with other resampling noise: how far the maps move by sampling alone",
+        ),
         Runtime("bf16 autocast", False, bf16_logits, bf16_decode, one_call=False, context=bf16),
         Runtime(
             "int8 torch",
@@ -411,32 +424,42 @@ def interleaved_seconds(fns: dict[str, Callable[[], object]], repeats: int) -> d
 
 @dataclass
 class Deviation:
-    codes_equal: bool
-    nll_max: float
-    flips: float  # fraction of positions whose resampling decision differs
-    draws: float  # fraction of restored codes that differ
+    codes_differ: tuple[int, int]  # (count, total) of image codes that differ
+    nll_max: float  # max |NLL change| over the codes that are equal
+    flips: tuple[int, int]  # positions (with equal codes) whose resampling decision differs
+    draws: tuple[int, int]  # restored codes that differ
     map_rel: float  # max |map - map_ref| / max |map_ref|
     map_mean_rel: float  # mean |map - map_ref| / mean |map_ref|
 
     def cells(self) -> list[str]:
+        def count(pair: tuple[int, int]) -> str:
+            return f"{pair[0]} ({100 * pair[0] / max(pair[1], 1):.2g}%)"
+
         return [
-            "yes" if self.codes_equal else "NO",
+            count(self.codes_differ),
             f"{self.nll_max:.1e}",
-            f"{100 * self.flips:.2f}%",
-            f"{100 * self.draws:.2f}%",
+            count(self.flips),
+            count(self.draws),
             f"{self.map_rel:.1e}",
             f"{self.map_mean_rel:.1e}",
         ]
 
 
 def deviation(result: ScoreResult, ref: ScoreResult, threshold: float, ref_threshold: float) -> Deviation:
-    equal = bool(torch.equal(result.codes, ref.codes))
-    nll = (result.nll - ref.nll).abs().max().item() if equal else float("nan")
-    flips = ((result.nll > threshold) != (ref.nll > ref_threshold)).float().mean().item() if equal else 1.0
-    draws = (result.restored != ref.restored).float().mean().item()
+    same = result.codes == ref.codes  # [B, L]
+    nll = (result.nll - ref.nll).abs()[same].max().item() if same.any() else float("nan")
+    flips = (((result.nll > threshold) != (ref.nll > ref_threshold)) & same).sum().item()
+    draws = (result.restored != ref.restored).sum().item()
     change = (result.anomaly - ref.anomaly).abs()  # [B, 1, H, W]
     peak, mean = ref.anomaly.abs().max().clamp_min(1e-30), ref.anomaly.abs().mean().clamp_min(1e-30)
-    return Deviation(equal, nll, flips, draws, (change.max() / peak).item(), (change.mean() / mean).item())
+    return Deviation(
+        (int((~same).sum()), same.numel()),
+        nll,
+        (int(flips), same.numel()),
+        (int(draws), ref.restored.numel()),
+        (change.max() / peak).item(),
+        (change.mean() / mean).item(),
+    )
 
 
 def profile_today(
@@ -540,18 +563,85 @@ def dirty_lines(models: Models, result: ScoreResult) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ main
+@dataclass
+class LabelledImages:
+    """Images of an MVTec-layout folder: calibration normals, test images and their masks."""
+
+    calib: Tensor  # [N, C, H, W]
+    test: Tensor  # [M, C, H, W]
+    masks: Tensor  # [M, H, W] bool
+
+
+def load_mvtec_folder(root: str, size: int, channels: int, max_images: int) -> LabelledImages:
+    """``<root>/[<category>/]{train/good, test/<defect>, ground_truth/<defect>/<stem>_mask.png}``, resized to
+    ``size`` (bilinear; masks nearest, binarised with > 0), scaled to [0, 1] as the data modules do. Every
+    ``k``-th test image is kept so that at most ``max_images`` cover all categories and defects."""
+    import glob
+
+    import numpy as np
+    from PIL import Image
+
+    def load(path: str, mask: bool = False) -> Tensor:
+        image = Image.open(path).convert("L" if mask or channels == 1 else "RGB")
+        image = image.resize((size, size), Image.NEAREST if mask else Image.BILINEAR)
+        array = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
+        return array if array.dim() == 2 else array.permute(2, 0, 1)  # [H, W] or [C, H, W]
+
+    def stack(images: list[Tensor]) -> Tensor:
+        batch = torch.stack([i if i.dim() == 3 else i.unsqueeze(0) for i in images])  # [N, C, H, W]
+        return batch.contiguous(memory_format=torch.channels_last)
+
+    normals = sorted(glob.glob(os.path.join(root, "**", "train", "good", "*.png"), recursive=True))
+    tests = sorted(glob.glob(os.path.join(root, "**", "test", "*", "*.png"), recursive=True))
+    if not normals or not tests:
+        raise SystemExit(f"--image-folder {root}: no train/good or test/<defect> PNG images found")
+    tests = tests[:: max(1, -(-len(tests) // max_images))]
+    masks = []
+    for path in tests:
+        defect_dir = os.path.dirname(path)
+        defect, category_root = os.path.basename(defect_dir), os.path.dirname(os.path.dirname(defect_dir))
+        stem = os.path.splitext(os.path.basename(path))[0]
+        mask_path = os.path.join(category_root, "ground_truth", defect, f"{stem}_mask.png")
+        masks.append(
+            load(mask_path, mask=True) > 0 if defect != "good" else torch.zeros(size, size, dtype=torch.bool)
+        )
+    return LabelledImages(
+        stack([load(p) for p in normals[:32]]), stack([load(p) for p in tests]), torch.stack(masks)
+    )
+
+
+def score_all(runtime: Runtime, models: Models, images: Tensor, n: int, batch: int) -> ScoreResult:
+    """``score`` over many images in batches (seeds = image positions), results concatenated."""
+    parts = [
+        score(runtime, models, images[i : i + batch], list(range(i, min(i + batch, len(images)))), n)
+        for i in range(0, len(images), batch)
+    ]
+    return ScoreResult(
+        *(torch.cat([getattr(p, f) for p in parts]) for f in ("codes", "nll", "restored", "anomaly"))
+    )
+
+
+def pixel_metrics(anomaly: Tensor, masks: Tensor) -> tuple[float, float]:
+    """Pixel AUROC and AP (in points) pooled over every pixel of the images."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    scores, labels = anomaly[:, 0].flatten().double().numpy(), masks.flatten().numpy()
+    return 100 * roc_auc_score(labels, scores), 100 * average_precision_score(labels, scores)
+
+
 def run_size(models: Models, args: argparse.Namespace, peak: Callable[[], float]) -> list[str]:
     n, b = args.restorations, args.batch_size
-    size = models.image_size
-    images = torch.rand(
-        b, models.vqvae.config.in_channels, size, size, generator=torch.Generator().manual_seed(10)
-    )
-    calib = torch.rand(
-        max(8, b), models.vqvae.config.in_channels, size, size, generator=torch.Generator().manual_seed(11)
-    )
-    images = images.contiguous(memory_format=torch.channels_last)
-    calib = calib.contiguous(memory_format=torch.channels_last)
-    seeds = list(range(b))  # ScoringModule: seed * 1_000_003 + dataset index, seed 0
+    size, channels = models.image_size, models.vqvae.config.in_channels
+    labelled = None
+    if args.image_folder:
+        labelled = load_mvtec_folder(args.image_folder, size, channels, args.max_images)
+        images, calib = labelled.test[:b], labelled.calib
+    else:
+        images = torch.rand(b, channels, size, size, generator=torch.Generator().manual_seed(10))
+        calib = torch.rand(max(8, b), channels, size, size, generator=torch.Generator().manual_seed(11))
+        images = images.contiguous(memory_format=torch.channels_last)
+        calib = calib.contiguous(memory_format=torch.channels_last)
+    seeds = list(range(b))  # dataset indices
 
     runtimes = torch_runtimes(models)
     notes: list[str] = []
@@ -563,7 +653,14 @@ def run_size(models: Models, args: argparse.Namespace, peak: Callable[[], float]
         for runtime in runtimes:
             calibrate(runtime, models, calib)
         by_name = {r.name: r for r in runtimes}
-        results = {r.name: score(r, models, images, seeds, n) for r in runtimes}
+        if labelled is not None:
+            results = {r.name: score_all(r, models, labelled.test, n, b) for r in runtimes}
+            metrics = {
+                name: pixel_metrics(result.anomaly, labelled.masks) for name, result in results.items()
+            }
+        else:
+            results = {r.name: score(r, models, images, seeds, n) for r in runtimes}
+            metrics = {}
         flops = {
             "today": flops_per_image(by_name["today"], models, images, seeds, n),
             "exact": flops_per_image(
@@ -583,7 +680,8 @@ def run_size(models: Models, args: argparse.Namespace, peak: Callable[[], float]
             ),
         }
         seconds = interleaved_seconds(
-            {r.name: (lambda r=r: score(r, models, images, seeds, n)) for r in runtimes}, args.repeats
+            {r.name: (lambda r=r: score(r, models, images, seeds, n)) for r in runtimes if r.timed},
+            args.repeats,
         )
     peak_gflops = peak()
     ref, ref_threshold = results["today"], by_name["today"].threshold
@@ -595,18 +693,36 @@ def run_size(models: Models, args: argparse.Namespace, peak: Callable[[], float]
         f"L {tr_cfg.seq_len}; {size} px, batch {b}, n = {n}\n",
         f"NLL threshold (today) {ref_threshold:.4f}; codes resampled per restoration {100 * resampled:.1f}%; "
         f"fp32 matmul peak {peak_gflops:.0f} GFLOP/s; load average after: {load_average()}\n",
-        "| variant | exact | images/s | speed-up | GFLOP/img | GFLOP/s | % of peak | codes equal | max abs NLL "
-        "change | decisions flipped | draws differ | map max rel. change | map mean rel. change |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    if labelled is not None:
+        lines.append(
+            f"Deviations and pixel metrics over {len(labelled.test)} test images of {args.image_folder} "
+            f"({int(labelled.masks.flatten(1).any(1).sum())} with a defect); thresholds from "
+            f"{len(labelled.calib)} train/good images; timing on the first {b}.\n"
+        )
+    metric_head = " pixel AUROC | pixel AP |" if metrics else ""
+    lines += [
+        "| variant | exact | images/s | speed-up | GFLOP/img | GFLOP/s | % of peak | codes differing | max abs NLL "
+        f"change | decisions flipped | draws differing | map max rel. change | map mean rel. change |{metric_head}",
+        "|---" * (13 + 2 * bool(metrics)) + "|",
     ]
     for runtime in runtimes:
-        rate = b / seconds[runtime.name]
         gflop = flops[runtime.flops_of] / 1e9
         dev = deviation(results[runtime.name], ref, runtime.threshold, ref_threshold)
+        if runtime.timed:
+            rate = b / seconds[runtime.name]
+            speed = (
+                f"{rate:.2f} | {seconds['today'] / seconds[runtime.name]:.2f}x | {gflop:.3g} | "
+                f"{gflop * rate:.3g} | {100 * gflop * rate / peak_gflops:.0f}%"
+            )
+        else:
+            speed = "(as today) | | | |"
         lines.append(
-            f"| {runtime.name} | {'yes' if runtime.exact else 'no'} | {rate:.2f} | "
-            f"{seconds['today'] / seconds[runtime.name]:.2f}x | {gflop:.3g} | {gflop * rate:.3g} | "
-            f"{100 * gflop * rate / peak_gflops:.0f}% | {' | '.join(dev.cells())} |"
+            f"| {runtime.name} | {'yes' if runtime.exact else 'no'} | {speed} | {' | '.join(dev.cells())} |"
+            + "".join(
+                f" {value:.2f} ({value - today:+.2f}) |"
+                for value, today in zip(metrics.get(runtime.name, ()), metrics.get("today", ()))
+            )
         )
     lines.append("")
     lines += [f"- {r.name}: {r.note}" for r in runtimes if r.note]
@@ -629,6 +745,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--vqvae-checkpoint", help="for --sizes trained")
     parser.add_argument("--transformer-checkpoint", help="for --sizes trained (global attention)")
+    parser.add_argument(
+        "--image-folder",
+        help="MVTec-layout folder: deviations and pixel AUROC / AP over its test images (calibration on train/good)",
+    )
+    parser.add_argument("--max-images", type=int, default=96, help="test images of --image-folder used")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--restorations", type=int, default=15, help="n restorations per image")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds (median)")
