@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import os
 import shlex
@@ -61,10 +62,12 @@ from torch.utils.flop_counter import FlopCounterMode
 from lsgs.machine import cpu_name
 from lsgs.metrics.quantile import score_quantile
 from lsgs.nn.fast_decode import (
-    CodeTableDecoder,
     decode_restorations,
+    decode_with_table,
     decoder_dirty_masks,
     decoder_receptive_field,
+    first_layer_table,
+    table_first_layer,
 )
 from lsgs.nn.restoration import (
     code_nll,
@@ -198,9 +201,9 @@ def calibrate(runtime: Runtime, models: Models, calib: Tensor) -> None:
         runtime.threshold = score_quantile(code_nll(runtime.logits(codes), codes), NLL_QUANTILE)
 
 
-def torch_runtimes(models: Models) -> list[Runtime]:
+def torch_runtimes(models: Models, yardstick_seeds: int = 1) -> list[Runtime]:
     vq, tr = models.vqvae, models.transformer
-    table = CodeTableDecoder(vq)
+    table = functools.partial(decode_with_table, vq, first_layer_table(vq))  # [N, h, w] -> [N, C, H, W]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
         int8 = torch.ao.quantization.quantize_dynamic(tr, {nn.Linear}, dtype=torch.qint8)
@@ -221,15 +224,20 @@ def torch_runtimes(models: Models) -> list[Runtime]:
         # Lightning's test loop runs under inference_mode (Trainer(inference_mode=True), the default).
         Runtime("today", True, tr, vq.decode_indices, one_call=False, context=torch.inference_mode),
         Runtime("exact", True, tr, table, one_call=True, context=torch.inference_mode, flops_of="exact"),
-        Runtime(
-            "today, resampling seed 1",
-            False,
-            tr,
-            vq.decode_indices,
-            one_call=False,
-            seed=1,
-            timed=False,
-            note="today's path with other resampling noise: how far the maps move by sampling alone",
+        *(
+            Runtime(
+                f"today, resampling seed {seed}",
+                False,
+                tr,
+                vq.decode_indices,
+                one_call=False,
+                seed=seed,
+                timed=False,
+                note="today's path with other resampling noise: how far the maps move by sampling alone"
+                if seed == 1
+                else "",
+            )
+            for seed in range(1, yardstick_seeds + 1)
         ),
         Runtime("bf16 autocast", False, bf16_logits, bf16_decode, one_call=False, context=bf16),
         Runtime(
@@ -249,11 +257,13 @@ def export_runtimes(models: Models, threads: int, folder: str) -> tuple[list[Run
     """ONNX Runtime and OpenVINO variants; a missing package skips its variants, with a note."""
     notes: list[str] = []
     tr = models.transformer
-    table = CodeTableDecoder(models.vqvae)
-    rest = nn.Sequential(*table.layers).eval()  # the decoder after its first convolution
+    vq = models.vqvae
+    first_layer = functools.partial(table_first_layer, vq, first_layer_table(vq))  # [N, h, w] -> [N, C, h, w]
+    table = functools.partial(decode_with_table, vq, first_layer_table(vq))
+    rest = nn.Sequential(*list(vq.decoder)[1:]).eval()  # the decoder after its first convolution
     h, w = models.grid
     codes = torch.zeros(2, h * w, dtype=torch.long)
-    first = table.first_layer(codes.view(2, h, w)).contiguous()
+    first = first_layer(codes.view(2, h, w)).contiguous()
     tr_path, dec_path, int8_path = (os.path.join(folder, f) for f in ("tr.onnx", "dec.onnx", "tr_int8.onnx"))
     try:
         import onnx  # noqa: F401  (torch.onnx.export needs it)
@@ -283,7 +293,7 @@ def export_runtimes(models: Models, threads: int, folder: str) -> tuple[list[Run
 
     def table_then(run: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
         def decode(indices: Tensor) -> Tensor:
-            return run(table.first_layer(indices).contiguous())  # [N, C, h, w] -> [N, C_img, H, W]
+            return run(first_layer(indices).contiguous())  # [N, C, h, w] -> [N, C_img, H, W]
 
         return decode
 
@@ -643,7 +653,7 @@ def run_size(models: Models, args: argparse.Namespace, peak: Callable[[], float]
         calib = calib.contiguous(memory_format=torch.channels_last)
     seeds = list(range(b))  # dataset indices
 
-    runtimes = torch_runtimes(models)
+    runtimes = torch_runtimes(models, args.yardstick_seeds)
     notes: list[str] = []
     with tempfile.TemporaryDirectory() as folder:
         if args.exports:
@@ -668,7 +678,7 @@ def run_size(models: Models, args: argparse.Namespace, peak: Callable[[], float]
                     "exact",
                     True,
                     models.transformer,
-                    CodeTableDecoder(models.vqvae),
+                    functools.partial(decode_with_table, models.vqvae, first_layer_table(models.vqvae)),
                     True,
                     torch.inference_mode,
                     threshold=by_name["today"].threshold,
@@ -750,6 +760,9 @@ def main(argv: list[str] | None = None) -> None:
         help="MVTec-layout folder: deviations and pixel AUROC / AP over its test images (calibration on train/good)",
     )
     parser.add_argument("--max-images", type=int, default=96, help="test images of --image-folder used")
+    parser.add_argument(
+        "--yardstick-seeds", type=int, default=1, help="rows of today's path with resampling seeds 1..N"
+    )
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--restorations", type=int, default=15, help="n restorations per image")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds (median)")

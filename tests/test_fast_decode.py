@@ -8,10 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from lsgs.nn.fast_decode import (
-    CodeTableDecoder,
     decode_restorations,
+    decode_with_table,
     decoder_dirty_masks,
     decoder_receptive_field,
+    first_layer_table,
+    table_first_layer,
 )
 from lsgs.nn.vqvae import VQVAEConfig, VQVAENet
 
@@ -48,7 +50,7 @@ def test_table_decoder_equals_plain_decode(name, channels_last):
     indices = codes_of(config, 3, 5, 7)  # not square: the borders of both axes matter
     with torch.no_grad():
         expected = net.decode_indices(indices)
-        actual = CodeTableDecoder(net)(indices)
+        actual = decode_with_table(net, first_layer_table(net), indices)
     assert (
         actual.shape
         == expected.shape
@@ -63,7 +65,7 @@ def test_first_layer_equals_the_convolution_of_the_codes():
     indices = codes_of(config, 2, 4, 6)
     with torch.no_grad():
         expected = net.decoder[0](net.quantizer.lookup(indices))  # [B, C, h, w]
-        actual = CodeTableDecoder(net).first_layer(indices)
+        actual = table_first_layer(net, first_layer_table(net), indices)
     assert actual.shape == (2, config.channels[-1], 4, 6)
     assert actual.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
@@ -75,7 +77,7 @@ def test_table_decoder_equals_plain_decode_at_paper_size():
     indices = codes_of(config, 2, 16, 16)
     with torch.inference_mode():
         expected = net.decode_indices(indices)
-        actual = CodeTableDecoder(net)(indices)
+        actual = decode_with_table(net, first_layer_table(net), indices)
     assert actual.shape == (2, 3, 128, 128)
     # Relative to the image scale: only the rounding of the first layer's sums differs.
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
@@ -84,24 +86,28 @@ def test_table_decoder_equals_plain_decode_at_paper_size():
 def test_table_is_a_snapshot_of_the_weights():
     config = VQVAEConfig.tiny()
     net = net_of(config)
-    decoder = CodeTableDecoder(net)
+    old = first_layer_table(net)
     indices = codes_of(config, 1, 4, 4)
     with torch.no_grad():
         net.quantizer.codebook.mul_(2.0)
-        fresh = CodeTableDecoder(net)(indices)
+        fresh = decode_with_table(net, first_layer_table(net), indices)
         torch.testing.assert_close(fresh, net.decode_indices(indices), rtol=1e-5, atol=1e-6)
-        assert not torch.allclose(decoder(indices), fresh)  # the old table still holds the old codebook
+        assert not torch.allclose(decode_with_table(net, old, indices), fresh)  # the old codebook's table
 
 
-def test_table_decoder_rejects_bad_indices():
+def test_table_decoder_rejects_bad_indices_and_tables():
     config = VQVAEConfig.tiny()
-    decoder = CodeTableDecoder(net_of(config))
+    net = net_of(config)
+    table = first_layer_table(net)
+    assert table.shape == (9 * (config.codebook_size + 1), config.channels[-1])
     with pytest.raises(ValueError, match="integer tensor"):
-        decoder(torch.zeros(1, 4, 4))
+        decode_with_table(net, table, torch.zeros(1, 4, 4))
     with pytest.raises(ValueError, match="integer tensor"):
-        decoder(torch.zeros(4, 4, dtype=torch.long))
+        decode_with_table(net, table, torch.zeros(4, 4, dtype=torch.long))
     with pytest.raises(ValueError, match=r"\[0, 32\)"):
-        decoder(torch.full((1, 4, 4), config.codebook_size))
+        decode_with_table(net, table, torch.full((1, 4, 4), config.codebook_size))
+    with pytest.raises(ValueError, match="table must be"):
+        decode_with_table(net, table[:-1], torch.zeros(1, 4, 4, dtype=torch.long))
 
 
 def test_decode_restorations_equals_separate_decodes_and_decodes_each_map_once():
@@ -209,7 +215,7 @@ def test_code_table_matches_conv_with_zero_padding_at_the_border():
     first = net.decoder[0]
     with torch.no_grad():
         expected = F.conv2d(net.quantizer.lookup(indices), first.weight, first.bias, padding=1)
-        actual = CodeTableDecoder(net).first_layer(indices)
+        actual = table_first_layer(net, first_layer_table(net), indices)
         centre = first.weight[:, :, 1, 1] @ net.quantizer.lookup(indices)[0, :, 0, 0] + first.bias
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(actual[0, :, 0, 0], centre, rtol=1e-5, atol=1e-6)

@@ -1,7 +1,7 @@
 """Exact, faster inference paths for restoration scoring: a code-table decoder and one batched decode.
 
-Scoring decodes ``n + 1`` code maps per image (``X_hat`` and ``n`` restorations). ``CodeTableDecoder`` computes the
-same images as ``VQVAENet.decode_indices`` (up to float rounding) with less work:
+Scoring decodes ``n + 1`` code maps per image (``X_hat`` and ``n`` restorations). This module computes the
+same images as ``VQVAENet.decode_indices`` (up to float rounding) with less work (``decode_with_table``):
 
 * The decoder's first layer is a 3x3 convolution applied to the codebook vectors, and each code cell holds one of
   only K vectors. So ``conv(lookup(s))`` at a cell is ``bias + sum over the 9 taps of W_tap @ e[s(neighbour)]``,
@@ -16,12 +16,14 @@ same images as ``VQVAENet.decode_indices`` (up to float rounding) with less work
 
 What does not pay, measured (``benchmarks/inference.py``): decoding only around the resampled codes. One code
 cell reaches a 70 x 70 pixel window of the 128 x 128 output at the paper size (``decoder_receptive_field``), so
-with ~10% of the codes resampled at random nearly every output pixel depends on a changed code
-(``decoder_dirty_masks``): even an ideal per-position sparse decode saves about 12% of the FLOPs. Nor does
+with ~10% of the codes resampled at random, 98-99% of the outputs of every layer after the table layer depend on
+a changed code (``decoder_dirty_masks``): even an ideal per-position sparse decode would skip ~1% of the work
+(half of it for a single compact cluster of resampled codes, which normal images do not produce). Nor does
 rewriting the stride-2 transposed convolutions as sub-pixel convolutions: oneDNN's channels_last transposed
 convolution is already as fast.
 
-The table is a snapshot of the weights: build the decoder after loading them, and again if they change.
+The table is a snapshot of the weights: build it (``first_layer_table``) after loading them, and again if they
+change. Keep it out of checkpoints (a non-persistent buffer or a plain attribute): it is derived data.
 """
 
 from __future__ import annotations
@@ -33,84 +35,99 @@ from torch import Tensor, nn
 from lsgs.nn.vqvae import ResidualBlock, VQVAEConfig, VQVAENet
 
 
-class CodeTableDecoder(nn.Module):
-    """``VQVAENet.decode_indices`` with the first convolution read from a per-code table.
+def first_layer_table(net: VQVAENet) -> Tensor:
+    """The decoder's first convolution applied to every code, per kernel tap: ``[9 * (K + 1), C]``.
 
-    The layers after the first convolution are the net's own modules (shared, not copied), so the net's memory
-    format (channels_last on CPU, as the Lightning module sets it) carries over.
+    Row ``t * (K + 1) + k`` holds ``W[:, :, dy, dx] @ e_k`` for tap ``t = 3 * dy + dx``; row ``t * (K + 1) + K`` is
+    zero and stands for the zero padding outside the code grid. The bias is not included (``decode_with_table``
+    adds the layer's own). Built from ``net.quantizer.lookup`` of every code, so projected (``lookup_dim``) and
+    normalised (``l2_normalize``) lookups are covered. A snapshot of the weights: rebuild it if they change.
 
     Args:
-        net: the VQ-VAE whose decoder to speed up (any quantiser option: the table is built from
-            ``net.quantizer.lookup`` of every code, so projected and normalised lookups are covered).
+        net: the VQ-VAE; its decoder must start with a 3x3 convolution of padding 1 (``Decoder`` does).
+
+    Returns:
+        ``[9 * (K + 1), C]`` in the dtype and on the device of the first convolution's weight, ``C`` its output
+        channels.
     """
+    first = net.decoder[0]
+    assert isinstance(first, nn.Conv2d) and first.kernel_size == (3, 3) and first.padding == (1, 1)
+    k = net.config.codebook_size
+    with torch.no_grad():
+        all_codes = torch.arange(k, device=first.weight.device).view(1, 1, k)
+        vectors = net.quantizer.lookup(all_codes)[0, :, 0].t()  # [1, D, 1, K] -> [K, D]
+        # In float64 so every entry is the correctly rounded product; the 9-term sum then rounds like the
+        # convolution's own accumulation.
+        table = torch.einsum("ocyx,kc->yxko", first.weight.double(), vectors.double())  # [3, 3, K, C]
+        table = F.pad(table, (0, 0, 0, 1))  # [3, 3, K + 1, C]: row K is the zero padding
+        return table.reshape(9 * (k + 1), first.out_channels).to(first.weight.dtype)  # [9 (K+1), C]
 
-    def __init__(self, net: VQVAENet) -> None:
-        super().__init__()
-        first = net.decoder[0]
-        assert isinstance(first, nn.Conv2d) and first.kernel_size == (3, 3) and first.padding == (1, 1)
-        self.codebook_size = net.config.codebook_size
-        self.layers = nn.ModuleList(list(net.decoder)[1:])
-        self.out_channels = first.out_channels
-        with torch.no_grad():
-            k = self.codebook_size
-            all_codes = torch.arange(k, device=first.weight.device).view(1, 1, k)
-            vectors = net.quantizer.lookup(all_codes)[0, :, 0].t()  # [1, D, 1, K] -> [K, D]
-            # Built in float64 so every entry is the correctly rounded product; the 9-term sum then rounds
-            # like the convolution's own accumulation.
-            table = torch.einsum("ocyx,kc->yxko", first.weight.double(), vectors.double())  # [3, 3, K, C]
-            table = F.pad(table, (0, 0, 0, 1))  # [3, 3, K + 1, C]: row K is the zero padding
-            table = table.reshape(9 * (k + 1), self.out_channels).to(first.weight.dtype)  # [9 (K+1), C]
-        self.register_buffer("table", table, persistent=False)
-        self.register_buffer("bias", first.bias.detach().clone(), persistent=False)
-        # Tap t = 3 * dy + dx reads table rows t * (K + 1) + code of neighbour (y + dy - 1, x + dx - 1).
-        self.register_buffer("tap_offsets", torch.arange(9) * (k + 1), persistent=False)
 
-    def first_layer(self, indices: Tensor) -> Tensor:
-        """The first convolution of the decoder on ``lookup(indices)``.
+def table_first_layer(net: VQVAENet, table: Tensor, indices: Tensor) -> Tensor:
+    """The decoder's first convolution of ``lookup(indices)``, read from ``table`` (``first_layer_table``).
 
-        Args:
-            indices: ``[B, h, w]`` integer codes in ``[0, K)``.
+    Each cell sums 9 table rows (its own code and its 8 neighbours', the zero row outside the grid) in one
+    ``F.embedding_bag`` and adds the bias.
 
-        Returns:
-            ``[B, C, h, w]`` (channels_last memory layout), ``C`` = the first convolution's out channels.
-        """
-        b, h, w = indices.shape
-        padded = F.pad(indices.long(), (1, 1, 1, 1), value=self.codebook_size)  # [B, h + 2, w + 2]
-        taps = torch.stack(
-            [padded[:, dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3)], dim=-1
-        )  # [B, h, w, 9]
-        rows = (taps + self.tap_offsets).view(b * h * w, 9)  # [B*h*w, 9] table rows to sum per cell
-        out = F.embedding_bag(rows, self.table, mode="sum")  # [B*h*w, C]
-        out = out.add_(self.bias)
-        return out.view(b, h, w, self.out_channels).permute(0, 3, 1, 2)  # [B, h, w, C] -> [B, C, h, w]
+    Args:
+        net: the VQ-VAE the table was built from.
+        table: ``[9 * (K + 1), C]`` from ``first_layer_table(net)``.
+        indices: ``[B, h, w]`` integer codes in ``[0, K)``.
 
-    def forward(self, indices: Tensor) -> Tensor:
-        """Decode an index map: ``[B, h, w]`` int -> ``[B, C_img, h*f, w*f]``, equal to
-        ``net.decode_indices(indices)`` up to float rounding.
+    Returns:
+        ``[B, C, h, w]`` in channels_last memory layout.
 
-        Raises:
-            ValueError: if ``indices`` is not a 3-D integer tensor or holds a value outside ``[0, K)``.
-        """
-        if indices.dim() != 3 or indices.dtype.is_floating_point or indices.dtype == torch.bool:
-            raise ValueError(
-                f"indices must be an integer tensor [B, h, w], got shape {tuple(indices.shape)} "
-                f"dtype {indices.dtype}"
-            )
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.codebook_size):
-            raise ValueError(
-                f"indices must lie in [0, {self.codebook_size}), got values in "
-                f"[{int(indices.min())}, {int(indices.max())}]"
-            )
-        x = self.first_layer(indices)
-        for layer in self.layers:
-            # Every x here is an intermediate of this call, so a ReLU may overwrite it.
-            if isinstance(layer, nn.ReLU):
-                x = x.relu_()
-            elif isinstance(layer, ResidualBlock):
-                x = _residual_block(layer, x)
-            else:
-                x = layer(x)
-        return x
+    Raises:
+        ValueError: if ``indices`` is not a 3-D integer tensor or holds a value outside ``[0, K)``.
+    """
+    k = net.config.codebook_size
+    if indices.dim() != 3 or indices.dtype.is_floating_point or indices.dtype == torch.bool:
+        raise ValueError(
+            f"indices must be an integer tensor [B, h, w], got shape {tuple(indices.shape)} dtype {indices.dtype}"
+        )
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= k):
+        raise ValueError(
+            f"indices must lie in [0, {k}), got values in [{int(indices.min())}, {int(indices.max())}]"
+        )
+    if table.shape[0] != 9 * (k + 1):
+        raise ValueError(f"table must be [9 * (K + 1), C] = [{9 * (k + 1)}, C], got {tuple(table.shape)}")
+    b, h, w = indices.shape
+    padded = F.pad(indices.long(), (1, 1, 1, 1), value=k)  # [B, h + 2, w + 2]; K = the zero row
+    taps = torch.stack([padded[:, dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3)], dim=-1)
+    offsets = torch.arange(9, device=indices.device) * (k + 1)  # [9]: tap t's rows start at t * (K + 1)
+    rows = (taps + offsets).view(b * h * w, 9)  # [B, h, w, 9] -> [B*h*w, 9] table rows to sum per cell
+    out = F.embedding_bag(rows, table, mode="sum").add_(net.decoder[0].bias)  # [B*h*w, C]
+    return out.view(b, h, w, table.shape[1]).permute(0, 3, 1, 2)  # [B, h, w, C] -> [B, C, h, w]
+
+
+def decode_with_table(net: VQVAENet, table: Tensor, indices: Tensor) -> Tensor:
+    """``net.decode_indices(indices)`` with the first convolution read from ``table``, up to float rounding.
+
+    The layers after the first are the net's own, so its memory format (channels_last on CPU, as the Lightning
+    module sets it) carries over; their ReLUs run in place on the fresh intermediates. For inference: no gradient
+    reaches the first convolution or the codebook through the table.
+
+    Args:
+        net: the VQ-VAE.
+        table: ``[9 * (K + 1), C]`` from ``first_layer_table(net)``.
+        indices: ``[B, h, w]`` integer codes in ``[0, K)``.
+
+    Returns:
+        ``[B, C_img, h*f, w*f]``.
+
+    Raises:
+        ValueError: as ``table_first_layer``.
+    """
+    x = table_first_layer(net, table, indices)
+    for layer in list(net.decoder)[1:]:
+        # Every x here is an intermediate of this call, so a ReLU may overwrite it.
+        if isinstance(layer, nn.ReLU):
+            x = x.relu_()
+        elif isinstance(layer, ResidualBlock):
+            x = _residual_block(layer, x)
+        else:
+            x = layer(x)
+    return x
 
 
 def _residual_block(block: ResidualBlock, x: Tensor) -> Tensor:
@@ -126,8 +143,8 @@ def decode_restorations(
     """Decode ``X_hat`` and the restorations of a batch in one decoder call, each distinct code map once.
 
     Args:
-        decode: maps ``[N, h, w]`` indices to ``[N, C, H, W]`` images (``CodeTableDecoder`` or
-            ``net.decode_indices``).
+        decode: maps ``[N, h, w]`` indices to ``[N, C, H, W]`` images (``net.decode_indices`` or
+            ``functools.partial(decode_with_table, net, table)``).
         codes: ``[B, L]`` the images' codes, ``L = h * w``.
         restored: ``[B, n, L]`` restored codes (``restore_global`` / ``restore_causal``).
         grid: ``(h, w)`` of the code map.
