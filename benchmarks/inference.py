@@ -5,7 +5,9 @@ positions above the NLL threshold resampled n times with per-image seeded noise 
 decoded -> ``restoration_anomaly_map`` -> smoothing) and is compared with today's path:
 
 * ``today``: what ``ScoringModule`` runs (torch fp32, channels_last VQ-VAE, ``decode_indices`` for X_hat and
-  then for the B * n restorations, under ``no_grad``).
+  then for the B * n restorations, under ``inference_mode`` as Lightning's test loop).
+* ``today, resampling seed s`` (not timed): today's path with other resampling noise, the yardstick for every
+  deviation below: any variant that changes a single draw moves the map about as much as a new seed does.
 * exact variants (results equal up to float rounding): ``exact`` = ``lsgs.nn.fast_decode`` (per-code table for the
   decoder's first convolution, in-place ReLUs, X_hat and restorations in one deduplicated decoder call) under
   ``inference_mode``; ``exact onnxruntime`` / ``exact openvino`` = the same with the transformer and the decoder
@@ -20,8 +22,9 @@ Columns: images/s (median of interleaved repeats: variant A, B, C, A, B, C, ... 
 alike), speed-up vs today, model GFLOP per image (``FlopCounterMode`` on the torch path the variant computes;
 int8 variants count their integer MACs alike), GFLOP/s and its share of the fp32 matmul peak measured in the
 same run (best of 2048^3 ``torch.mm`` before and after), and the deviation from today's fp32 results: codes
-equal, max |NLL| change, resampling decisions (NLL > threshold) that flip, drawn codes that differ, max |map|
-change relative to the map's maximum.
+that differ, max |NLL| change, resampling decisions (NLL > threshold) that flip, drawn codes that differ, max
+and mean |map| change relative to the map's maximum and mean. With ``--image-folder`` (an MVTec-layout folder)
+the deviations run over its test images and pixel AUROC / AP (pooled over all pixels) are added per variant.
 
 Also printed: the decoder's receptive field in code cells (from the architecture, and measured by perturbing one
 code), the share of the decoder's work that an ideal sparse decode (only outputs that depend on a resampled
@@ -30,11 +33,14 @@ ops of today's path from ``torch.profiler``.
 
 Weights are random (seeded) unless checkpoints are given; timings do not depend on them, deviations do (a random
 transformer's NLLs are all close to log K, which makes threshold decisions touchier than a trained one's).
+On a shared machine, two threads per process can spend much of their time waiting for each other (each op ends
+in a barrier): compare rows of one run only, and prefer ``--threads 1`` when the load average exceeds the cores.
 
     python benchmarks/inference.py                      # CPU config size and paper size (a few minutes)
     python benchmarks/inference.py --quick              # tiny sizes, seconds
     python benchmarks/inference.py --sizes paper --repeats 5 --threads 2
-    python benchmarks/inference.py --sizes trained --vqvae-checkpoint V.ckpt --transformer-checkpoint T.ckpt
+    python benchmarks/inference.py --sizes trained --vqvae-checkpoint V.ckpt --transformer-checkpoint T.ckpt \
+        --image-folder data/mvtec --yardstick-seeds 3
 """
 
 from __future__ import annotations
