@@ -68,7 +68,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from lsgs.machine import cpu_name
 from lsgs.metrics.quantile import score_quantile
 from lsgs.nn.fast_decode import (
-    decode_restorations,
+    decode_original_and_restored,
     decode_with_table,
     decoder_dirty_masks,
     decoder_receptive_field,
@@ -191,7 +191,7 @@ def score(runtime: Runtime, models: Models, images: Tensor, seeds: list[int], n:
         noise = per_image_uniforms([runtime.seed * 1_000_003 + s for s in seeds], n, h * w)  # [B, n, L]
         restored = restore_global(logits, flat, runtime.threshold, n, uniforms=noise)  # [B, n, L]
         if runtime.one_call:
-            x_hat, decoded = decode_restorations(runtime.decode, flat, restored, (h, w))
+            x_hat, decoded = decode_original_and_restored(runtime.decode, flat, restored, (h, w))
         else:
             x_hat = runtime.decode(codes)  # [B, C, H, W]
             decoded = runtime.decode(restored.reshape(b * n, h, w))  # [B*n, C, H, W]

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from lsgs.nn.fast_decode import (
-    decode_restorations,
+    decode_original_and_restored,
     decode_with_table,
     decoder_dirty_masks,
     decoder_receptive_field,
@@ -127,7 +127,7 @@ def test_decode_restorations_equals_separate_decodes_and_decodes_each_map_once()
         return net.decode_indices(indices)
 
     with torch.no_grad():
-        x_hat, decoded = decode_restorations(decode, codes, restored, (h, w))
+        x_hat, decoded = decode_original_and_restored(decode, codes, restored, (h, w))
         expected_x_hat = net.decode_indices(codes.view(b, h, w))
         expected = net.decode_indices(restored.view(b * n, h, w)).view(b, n, *expected_x_hat.shape[1:])
     assert calls == [3 + 2]  # one call: the 3 originals and the 2 distinct changed maps
@@ -138,11 +138,11 @@ def test_decode_restorations_equals_separate_decodes_and_decodes_each_map_once()
 
 def test_decode_restorations_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="L = h"):
-        decode_restorations(
+        decode_original_and_restored(
             lambda x: x, torch.zeros(2, 12, dtype=torch.long), torch.zeros(2, 3, 12, dtype=torch.long), (3, 5)
         )
     with pytest.raises(ValueError, match="codes"):
-        decode_restorations(
+        decode_original_and_restored(
             lambda x: x, torch.zeros(1, 12, dtype=torch.long), torch.zeros(2, 3, 12, dtype=torch.long), (3, 4)
         )
 

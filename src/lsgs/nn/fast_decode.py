@@ -10,7 +10,7 @@ same images as ``VQVAENet.decode_indices`` (up to float rounding) with less work
   (a gather-and-sum of 9 rows per cell) instead of ``2 * 9 * D * C`` FLOPs per cell: at the paper size 0.60 of
   the 2.6 GFLOP of a decode.
 * ReLUs whose input is a fresh intermediate run in place (no extra allocation or pass over memory).
-* ``decode_restorations`` decodes ``X_hat`` and the ``n`` restorations of a batch in one call, each distinct
+* ``decode_original_and_restored`` decodes ``X_hat`` and the ``n`` restorations of a batch in one call, each distinct
   code map once: a restoration whose draws all equal the original codes (or an image with nothing above the
   threshold) is ``X_hat`` itself.
 
@@ -137,7 +137,7 @@ def _residual_block(block: ResidualBlock, x: Tensor) -> Tensor:
     return conv1(hidden).add_(x)
 
 
-def decode_restorations(
+def decode_original_and_restored(
     decode: nn.Module, codes: Tensor, restored: Tensor, grid: tuple[int, int]
 ) -> tuple[Tensor, Tensor]:
     """Decode ``X_hat`` and the restorations of a batch in one decoder call, each distinct code map once.
