@@ -145,8 +145,9 @@ class FolderDataModule(AnomalyDataModule):
     then `val_fraction` of the rest for validation (threshold calibration); with it, only the validation
     images are held out. Normal test images are spread evenly (seeded) over the categories, so each category
     has normal and anomalous images and every image counts once in the pooled metrics. Test items are ordered
-    by category, then by file name. With no `abnormal_dir` there is no test set (nothing anomalous to
-    evaluate): all normal images train and validate, and `test_dataloader` says so.
+    by category, then by file name. With no `abnormal_dir` there is no test set (`has_test_set` is False):
+    all normal images train and validate, `test_dataloader` says so, and the pipeline's evaluations calibrate
+    their thresholds on the validation normals only (a run that `lsgs detect` can use).
 
     Masks are binarised with `> 0` and must be binary (0 and one foreground value); soft masks need
     `mask_threshold`. Images of any size are resized to `image_size` (bilinear; masks nearest), each mask
@@ -278,7 +279,9 @@ class FolderDataModule(AnomalyDataModule):
         return list(dict.fromkeys(self.categories))
 
     @property
-    def has_test(self) -> bool:
+    def has_test_set(self) -> bool:
+        """False without `abnormal_dir`: normal images only (the pipeline then calibrates its thresholds on the
+        validation normals and reports no metrics)."""
         return bool(self.abnormal_dirs)
 
     # ------------------------------------------------------------------------------------------ scanning
@@ -413,7 +416,7 @@ class FolderDataModule(AnomalyDataModule):
         split_name = PurePosixPath(self.normal_dirs[0].replace("\\", "/")).name
         rng = np.random.default_rng([self.seed, zlib.crc32(split_name.encode())])
         perm = rng.permutation(normal)
-        hold_out = self.has_test and not self.normal_test_dirs
+        hold_out = self.has_test_set and not self.normal_test_dirs
         n_test = n_holdout(len(normal), self.normal_test_fraction) if hold_out else 0
         n_val = n_holdout(len(normal) - n_test, self.val_fraction)
         test_rows = np.sort(perm[:n_test])
@@ -425,7 +428,7 @@ class FolderDataModule(AnomalyDataModule):
             return Item(0, int(row), int(r["label"]), category, r["path"], has_mask=bool(r["has_mask"]))
 
         test: list[Item] = []
-        if self.has_test:
+        if self.has_test_set:
             normal_test = [
                 *test_rows.tolist(),
                 *(i for i, r in enumerate(records) if r["role"] == NORMAL_TEST),
@@ -454,7 +457,7 @@ class FolderDataModule(AnomalyDataModule):
             "normal_test": sum(1 for i in test if i.label == 0),
             "normal_test_source": "held out"
             if hold_out
-            else ("normal_test_dir" if self.has_test else "none"),
+            else ("normal_test_dir" if self.has_test_set else "none"),
             "anomalous_test": sum(1 for i in test if i.label == 1),
             "anomalous_without_mask": sum(1 for i in test if not i.has_mask),
         }
@@ -483,13 +486,13 @@ class FolderDataModule(AnomalyDataModule):
         )
 
     def test_dataloader(self) -> DataLoader:
-        if not self.has_test:
+        if not self.has_test_set:
             raise self._no_test()
         return super().test_dataloader()
 
     def predict_dataloader(self) -> DataLoader:
         trainer = getattr(self, "trainer", None)
         model = getattr(trainer, "lightning_module", None) if trainer is not None else None
-        if predict_split_of(model) == "test" and not self.has_test:
+        if predict_split_of(model) == "test" and not self.has_test_set:
             raise self._no_test()
         return super().predict_dataloader()

@@ -153,6 +153,27 @@ def image_to_tensor(image: np.ndarray) -> torch.Tensor:
     return t.permute(2, 0, 1).contiguous()  # [H, W, C] -> [C, H, W]
 
 
+def read_original(path: Path, channels: int = 3) -> np.ndarray:
+    """Decode an image as the data modules do (8-bit, RGB with grayscale replicated and alpha dropped, or L), at its
+    own size: ``prepare_image`` without the resize (``lsgs detect`` draws its heatmaps at the input's resolution).
+
+    Returns:
+        ``[H, W, 3]`` uint8 if channels == 3 else ``[H, W]`` uint8 (a writable copy).
+
+    Raises:
+        DataError: the file cannot be decoded.
+    """
+    return np.array(to_8bit(open_image(path)).convert("RGB" if channels == 3 else "L"), dtype=np.uint8)
+
+
+def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
+    """An ``[H, W, 3]`` RGB or ``[H, W]`` grayscale uint8 image as ``channels`` = 3 (RGB, grayscale replicated) or
+    1 (``[H, W]``, PIL's RGB -> L conversion), as ``read_original`` gives a file (video frames)."""
+    if channels == 3:
+        return image if image.ndim == 3 else np.repeat(image[..., None], 3, axis=2)
+    return image if image.ndim == 2 else np.array(Image.fromarray(image).convert("L"), dtype=np.uint8)
+
+
 def parallel_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
     """`map(fn, items)` in order, on a thread pool when workers > 1.
 

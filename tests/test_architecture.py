@@ -207,8 +207,8 @@ RUN_FOLDER_NAMES = {
     "run.json", "experiment.yaml", "results.json", "results.csv", "results.md", "summary.md", "summary.csv",
     "report.html", "done.json", "stage.json", "config.yaml", "last.ckpt", "vqvae.ckpt", "aggregated.ckpt",
     "vqvae_ft.ckpt", "transformer.ckpt", "aggregation.json", "calibration.json", "image_scores.csv", "curves.npz",
-    "scores.csv", "thresholds.txt", "checkpoints", "heatmaps", "curves", "studies", "ablations", "methods",
-    "exports", "metadata.json",
+    "scores.csv", "thresholds.json", "videos", "checkpoints", "heatmaps", "curves", "studies", "ablations",
+    "methods", "exports", "metadata.json",
 }  # fmt: skip
 LAYOUT_MODULE = "lsgs.layout"
 

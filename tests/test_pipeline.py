@@ -487,7 +487,7 @@ def run_detect(run_dir: Path, images: Path, out: Path, method: str) -> list[dict
 
     lsgs_main(["detect", f"--run_dir={run_dir}", f"--images={images}", f"--method={method}", f"--output={out}",
                "--accelerator=cpu"])  # fmt: skip
-    assert len(list(out.glob("*_heatmap.png"))) == 3
+    assert len(list((out / "heatmaps").glob("*.png"))) == 3
     with (out / "scores.csv").open() as handle:
         return list(csv.DictReader(handle))
 
@@ -525,12 +525,15 @@ def test_detect_with_lsgs_is_repeatable_and_uses_the_run_s_threshold(
     assert all(int(r["anomalous"]) == int(float(r["score"]) > threshold) for r in first)
 
 
-def test_detect_names_the_finished_methods_when_one_is_missing(tiny_run: Path, tmp_path: Path) -> None:
+def test_detect_names_the_finished_methods_when_one_is_missing(
+    tiny_run: Path, tmp_path: Path, demo_mvtec_root: Path
+) -> None:
     from lsgs.detect import detect
     from lsgs.errors import ConfigError
 
+    nut_test_images(demo_mvtec_root, tmp_path / "nut")
     with pytest.raises(ConfigError, match=r"--method ae: .*finished in this run: \['lsgs'\]"):
-        detect(tiny_run, tmp_path, method="ae")
+        detect(tiny_run, tmp_path / "nut", method="ae")
 
 
 def test_wandb_offline_runs_grouped_per_stage_without_secrets(

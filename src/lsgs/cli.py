@@ -3,12 +3,19 @@
     lsgs fit|validate|test|predict --config STAGE.yaml [--model.x=...]   one stage, through LightningCLI
     lsgs pipeline --config EXPERIMENT.yaml [--vqvae.model.x=...]        all stages of an experiment, resumable
     lsgs ablate {codebook,attention} --config EXPERIMENT.yaml            the paper's Tables 3 and 4
-    lsgs detect --run_dir RUN --images FOLDER [--method NAME]            heatmaps + scores for unlabelled images
+    lsgs detect --run_dir RUN --images FOLDER|IMAGE|VIDEO [--method NAME]  heatmaps + scores for images, videos
     lsgs export --run_dir RUN --method NAME --format onnx|openvino|torchscript   graphs + metadata.json for deployment
     lsgs report --run_dir RUN                                            summary table + self-contained HTML report
     lsgs study scoring --run_dir RUN --grid '{"map_reference": [...]}'   re-score a run over a grid of scoring options
+                       [--data.root DATA]                            (its data's folder, when it moved)
 
-Every ``config.yaml`` the pipeline saves in a stage folder is a valid single-stage config.
+Every ``config.yaml`` the pipeline saves in a stage folder is a valid single-stage config. It names the paths
+inside the run relative to its own folder (``./...``, ``../...``); a stage command resolves such values of a
+``--config`` file against that file's folder, so ``lsgs test -c RUN/scoring/config.yaml`` works from any working
+directory and after the run folder was moved. Paths given on the command line are relative to the working
+directory, as usual.
+
+Only what a command uses is imported: ``lsgs --help`` and ``lsgs detect --help`` load neither torch nor Lightning.
 """
 
 from __future__ import annotations
@@ -17,8 +24,10 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 USAGE = __doc__
+CONFIG_OPTIONS = ("-c", "--config")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -57,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         else:
             from lsgs.stage_cli import StageCLI
 
-            StageCLI(args=argv)
+            StageCLI(args=stage_arguments(argv))
     except LSGSError as error:
         if os.environ.get("LSGS_TRACEBACK"):
             raise
@@ -76,6 +85,40 @@ def main(argv: Sequence[str] | None = None) -> None:
         teardown_process_group(barrier=True)
     finally:
         teardown_process_group(barrier=False)  # error path (no barrier: other ranks may be gone); else a no-op
+
+
+def stage_arguments(argv: Sequence[str]) -> list[str]:
+    """A stage command's arguments with each ``--config`` file whose values name paths relative to it (a run's
+    stage config: ``lsgs.layout.store_paths``) replaced by its content with those paths resolved against the
+    file's folder; other arguments, and files without such paths, unchanged."""
+
+    def resolved(value: str) -> str:
+        import yaml
+
+        from lsgs.layout import resolve_paths
+
+        path = Path(value)
+        try:
+            config = yaml.safe_load(path.read_text()) if path.is_file() else None
+        except (OSError, yaml.YAMLError):
+            return value  # the stage parser reports an unreadable file
+        if not isinstance(config, dict):
+            return value
+        stored = resolve_paths(config, path.parent)
+        return value if stored == config else yaml.safe_dump(stored, sort_keys=False)
+
+    out: list[str] = []
+    arguments = iter(argv)
+    for argument in arguments:
+        option, equals, value = argument.partition("=")
+        if option in CONFIG_OPTIONS and equals:
+            out.append(f"{option}={resolved(value)}")
+        elif argument in CONFIG_OPTIONS:
+            following = next(arguments, None)
+            out += [argument] if following is None else [argument, resolved(following)]
+        else:
+            out.append(argument)
+    return out
 
 
 if __name__ == "__main__":

@@ -50,6 +50,15 @@ class HasNormalsPerCategory(Protocol):
 
 
 @runtime_checkable
+class HasTestSet(Protocol):
+    @property
+    def has_test_set(self) -> bool:
+        """False when the data has no labelled test set (normal images only): an evaluation then calibrates its
+        thresholds on the validation normals and reports no metrics."""
+        ...
+
+
+@runtime_checkable
 class StageData(HasNumChannels, HasTestCategories, HasImageSize, HasValFraction, Protocol):
     """What the stages read off their data module: ``num_channels``, ``test_categories``, ``image_size``,
     ``val_fraction``."""
@@ -79,6 +88,11 @@ def normals_per_category_of(datamodule: Any) -> bool:
     """``datamodule.normals_per_category``; True when it does not say (each category's training images are its
     own, as in the MVTec layouts)."""
     return bool(datamodule.normals_per_category) if isinstance(datamodule, HasNormalsPerCategory) else True
+
+
+def has_test_set_of(datamodule: Any) -> bool:
+    """``datamodule.has_test_set``; True when it does not say (every data set with anomalous images has one)."""
+    return bool(datamodule.has_test_set) if isinstance(datamodule, HasTestSet) else True
 
 
 def image_size_of(datamodule: Any) -> int | None:

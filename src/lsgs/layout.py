@@ -16,8 +16,13 @@ A run folder (``runs/<name>`` unless ``--run_dir`` says otherwise)::
         logs/, tensorboard/, wandb/                                                     logger folders
     ablations/<table>.{md,csv}, ablations/<table>-<variant>/   ``lsgs ablate``
     studies/<name>.{md,csv}, studies/<name>/rows/, studies/repro/<row>/   ``lsgs study``
-    detect/<images folder>/        ``lsgs detect`` (scores.csv, thresholds.txt, *_heatmap.png)
+    detect/<images folder>/        ``lsgs detect`` (scores.csv, thresholds.json, heatmaps/, videos/)
     exports/<method>-<format>/     ``lsgs export`` (metadata.json and the graphs, ``ExportLayout``)
+
+A run folder is relocatable: a path inside it is stored relative to the folder of the file that names it, spelled
+``./...`` or ``../...`` (a stage's ``config.yaml`` names its upstream checkpoints ``../finetune/vqvae_ft.ckpt`` and
+its own folder ``.``); :func:`store_paths` writes that form and :func:`resolve_paths` reads it back. Paths outside
+the run (the data, the decoded-array cache) stay absolute: they are where the data is.
 
 This module sits in the lowest layer (it imports nothing of the project), so the evaluation harness, the runner,
 the reports and the command-line tools all take their file names from here. No other file spells them.
@@ -25,8 +30,10 @@ the reports and the command-line tools all take their file names from here. No o
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 # Bumped when a change makes the stage folders of older runs unusable (stage hashes that cover moved class paths,
@@ -36,6 +43,7 @@ LAYOUT_VERSION = 3
 
 DEFAULT_RUNS_ROOT = Path("runs")
 METHOD_STAGE_PREFIX = "methods"  # stage key of an evaluated method other than LSGS: methods.<method>
+LSGS_METHOD = "lsgs"  # the method name of LSGS itself; its evaluation is the ``scoring`` stage
 LSGS_STAGES = ("vqvae", "aggregator", "finetune", "transformer", "scoring")
 # What a finished stage must have produced (relative to its folder).
 STAGE_OUTPUTS = {
@@ -271,6 +279,7 @@ class RunLayout:
 
     # detect
     def detect_dir(self, images: str | Path) -> Path:
+        """``detect/<name>``: the default output folder of ``lsgs detect`` for the folder (or file) ``images``."""
         return self.root / "detect" / Path(images).resolve().name
 
     # export
@@ -281,7 +290,13 @@ class RunLayout:
 
 @dataclass(frozen=True)
 class DetectLayout:
-    """The files ``lsgs detect`` writes into its output folder."""
+    """The files ``lsgs detect`` writes into its output folder.
+
+    An output keeps its input's path relative to the ``--images`` folder (its name alone for a single file), so no
+    two inputs share an output file: ``broken_large/000.png`` and ``contamination/000.png`` get
+    ``heatmaps/broken_large/000.png`` and ``heatmaps/contamination/000.png``. A heatmap is written in its input's
+    format (a ``.jpg`` input gets a ``.jpg`` heatmap), an annotated video in its input's container.
+    """
 
     folder: Path
 
@@ -291,10 +306,30 @@ class DetectLayout:
 
     @property
     def thresholds(self) -> Path:
-        return self.folder / "thresholds.txt"
+        return self.folder / "thresholds.json"
 
-    def heatmap(self, image_path: str | Path) -> Path:
-        return self.folder / f"{Path(image_path).stem}_heatmap.png"
+    @property
+    def heatmaps_dir(self) -> Path:
+        return self.folder / "heatmaps"
+
+    @property
+    def videos_dir(self) -> Path:
+        return self.folder / "videos"
+
+    def heatmap(self, relative_input: str | Path) -> Path:
+        """The heatmap panel of the image at ``relative_input`` (relative to the ``--images`` folder)."""
+        return self.heatmaps_dir / _inside(relative_input)
+
+    def video(self, relative_input: str | Path) -> Path:
+        """The annotated copy of the video at ``relative_input`` (relative to the ``--images`` folder)."""
+        return self.videos_dir / _inside(relative_input)
+
+
+def _inside(relative: str | Path) -> Path:
+    """``relative`` as a path that stays inside the folder it is joined to (no root, no ``..``)."""
+    path = PurePosixPath(Path(relative).as_posix())
+    assert not path.is_absolute() and ".." not in path.parts, relative
+    return Path(path)
 
 
 # The files of each export format besides the metadata: graph name -> file names (OpenVINO IR: model + weights).
@@ -325,4 +360,69 @@ class ExportLayout:
 
 def method_stage_key(name: str) -> str:
     """Stage key of an evaluated method: ``lsgs`` -> ``scoring``, any other name -> ``methods.<name>``."""
-    return "scoring" if name == "lsgs" else f"{METHOD_STAGE_PREFIX}.{name}"
+    return "scoring" if name == LSGS_METHOD else f"{METHOD_STAGE_PREFIX}.{name}"
+
+
+# ----------------------------------------------------------------------------------- paths stored in a run folder
+RELATIVE_PREFIXES = ("./", "../")
+HERE = "."
+
+
+def is_stored_relative(value: Any) -> bool:
+    """Whether ``value`` is a path stored relative to its file's folder: ``.``, ``./...`` or ``../...``."""
+    return isinstance(value, str) and (value == HERE or value.startswith(RELATIVE_PREFIXES))
+
+
+def store_paths(config: Any, folder: str | Path, roots: Sequence[str | Path]) -> Any:
+    """``config`` (nested dicts and lists) with every absolute path string inside one of ``roots`` rewritten
+    relative to ``folder`` (the folder of the file it is written to), as ``.``, ``./x`` or ``../x``.
+
+    Args:
+        config: a parsed config (what a stage's ``config.yaml`` holds).
+        folder: the folder of the file the config is written to (absolute).
+        roots: absolute folders whose contents move with the file (the run folder, and runs it reuses stages of).
+
+    Returns:
+        A new config; strings outside ``roots`` (the data, the cache, every non-path value) are unchanged.
+    """
+    folder, roots = Path(folder), [Path(root) for root in roots]
+
+    def store(value: str) -> str:
+        path = Path(value)
+        if not path.is_absolute() or not any(path == root or root in path.parents for root in roots):
+            return value
+        relative = Path(os.path.relpath(path, folder)).as_posix()
+        return relative if relative == HERE or relative.startswith("../") else f"./{relative}"
+
+    return _map_strings(config, store)
+
+
+def resolve_paths(config: Any, folder: str | Path) -> Any:
+    """The inverse of :func:`store_paths`: every ``.``, ``./x`` or ``../x`` string of ``config`` as an absolute
+    path under ``folder`` (the folder of the file it was read from); every other value unchanged."""
+    folder = Path(folder).absolute()
+
+    def resolve(value: str) -> str:
+        return os.path.normpath(folder / value) if is_stored_relative(value) else value
+
+    return _map_strings(config, resolve)
+
+
+def _map_strings(value: Any, function: Any) -> Any:
+    if isinstance(value, str):
+        return function(value)
+    if isinstance(value, dict):
+        return {key: _map_strings(item, function) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_map_strings(item, function) for item in value]
+    return value
+
+
+def read_stage_config(path: str | Path) -> dict[str, Any]:
+    """A stage's saved LightningCLI config (``<stage>/config.yaml``) with its stored-relative paths resolved
+    against the file's folder, so it works wherever the run folder now is and from any working directory."""
+    import yaml
+
+    path = Path(path)
+    config = yaml.safe_load(path.read_text())
+    return resolve_paths(config, path.parent) if isinstance(config, dict) else config

@@ -9,6 +9,7 @@ from typing import Any
 from lsgs.distributed import process_group_teardown
 from lsgs.io import atomic_write_text
 from lsgs.run import is_global_zero, open_run_folder, parse_experiment, plan_experiment, run_experiment
+from lsgs.run.experiment import experiment_record
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
@@ -24,7 +25,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     layout = experiment.layout
     open_run_folder(layout)  # an unusable old run folder fails here, before anything is written into it
     if is_global_zero():
-        atomic_write_text(layout.experiment, parser.dump(config, skip_none=False))
+        atomic_write_text(layout.experiment, experiment_record(parser, config))
     with process_group_teardown():
         results = run_experiment(experiment, only=config.stages)
     if not is_global_zero():

@@ -14,8 +14,12 @@ recomputed per row.
 Outputs: ``RUN/studies/<name>.{md,csv}`` (default name ``scoring``): one row per setting with pixel AUROC, pixel AP,
 Dice (best and validation threshold), AUPRO (when the run computes it) and image AUROC, and the run's LSGS row and
 its other methods (those of kind baseline are the floors) beside them, each study row with the command that
-reproduces it alone (``lsgs test -c RUN/scoring/config.yaml ... --model.init_args.<option>=<value>``, results in
+reproduces it alone (run from the run folder: ``lsgs test -c scoring/config.yaml ...
+--model.init_args.<option>=<value>``, results in
 ``RUN/studies/repro/<row id>/``; it never touches the run's own outputs).
+
+A run folder may have moved since it was trained (its paths are stored relative to it); when its data moved too,
+``--data.root`` names the data's new folder.
 
 Resumable: each finished row is written atomically to ``RUN/studies/<name>/rows/<row id>.json``; a re-run skips
 the rows already there (for the same scoring stage of the run) and a killed study resumes where it stopped.
@@ -39,7 +43,7 @@ from typing import Any
 
 from lsgs.errors import ConfigError
 from lsgs.io import atomic_write_json, atomic_write_text, read_json, read_json_or_none
-from lsgs.layout import RunLayout
+from lsgs.layout import RunLayout, read_stage_config
 from lsgs.methods.registry import ABLATION_KIND, LSGS_METHOD, evaluated_methods
 from lsgs.modules.scoring import RESTORATION_OPTIONS, ScoringCache, ScoringModule
 from lsgs.options import Check, show, signature_defaults
@@ -85,10 +89,9 @@ def row_id(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _load_run(run_dir: Path) -> tuple[dict[str, Any], str]:
-    """The run's scoring-stage config (LightningCLI dict) and its stage hash; errors if it is not finished."""
-    import yaml
-
+def _load_run(run_dir: Path, data_root: str | None = None) -> tuple[dict[str, Any], str]:
+    """The run's scoring-stage config (LightningCLI dict, its data at ``data_root`` when given) and its stage hash;
+    errors if it is not finished, has no labelled test set, or its data is not where the config says."""
     scoring = RunLayout.of(run_dir).scoring
     done, config_path = scoring.done, scoring.config
     if not run_dir.is_dir():
@@ -97,21 +100,35 @@ def _load_run(run_dir: Path) -> tuple[dict[str, Any], str]:
         raise ConfigError(
             f"--run_dir '{run_dir}' has no finished scoring stage ({done} missing); run `lsgs pipeline` first"
         )
-    config = yaml.safe_load(config_path.read_text())
+    config = read_stage_config(config_path)
     if "ScoringModule" not in str(config.get("model", {}).get("class_path", "")):
         raise ConfigError(f"{config_path}: the scoring stage is not a ScoringModule")
+    if read_json(scoring.results_json, "scoring results").get("has_test_set") is False:
+        raise ConfigError(f"--run_dir '{run_dir}': its data has no labelled test set, so there are no metrics to "
+                          "compare scoring options on")  # fmt: skip
+    data_args = config["data"].setdefault("init_args", {})
+    if data_root is not None:
+        data_args["root"] = str(Path(data_root).expanduser().absolute())
+    root = data_args.get("root")
+    if isinstance(root, str) and not Path(root).is_dir():
+        where = "--data.root" if data_root is not None else f"data.init_args.root of {config_path}"
+        raise ConfigError(f"{where}: data folder '{root}' does not exist; if the data moved, pass --data.root "
+                          "with its new folder")  # fmt: skip
     return config, read_json(done, "scoring stage record")["hash"]
 
 
-def reproduce_command(run_dir: Path, settings: dict[str, Any]) -> str:
-    """The ``lsgs test`` command that scores one setting alone, into ``RUN/studies/repro/<row id>``."""
-    layout = RunLayout.of(run_dir)
+def reproduce_command(settings: dict[str, Any], data_root: str | None = None) -> str:
+    """The ``lsgs test`` command that scores one setting alone, into ``studies/repro/<row id>``; run from the run
+    folder (its paths are relative to it, so the command holds wherever the run folder is)."""
+    layout = RunLayout.of(Path())
     out = layout.study_repro_dir(row_id(settings))
     args = [
         "lsgs", "test", "-c", str(layout.scoring.config),
         "--trainer.logger=false", "--trainer.devices=1", "--trainer.num_nodes=1", "--trainer.strategy=auto",
         f"--trainer.default_root_dir={out}", f"--model.init_args.output_dir={out}",
     ]  # fmt: skip
+    if data_root is not None:
+        args.append(f"--data.init_args.root={Path(data_root).expanduser().absolute()}")
     for key, value in settings.items():
         text = "null" if value is None else value if isinstance(value, str) else json.dumps(value)
         args.append(f"--model.init_args.{key}={text}")
@@ -210,10 +227,12 @@ def run_study(
     name: str = "scoring",
     cache_gb: float = 2.0,
     kill_after_rows: int | None = None,
+    data_root: str | None = None,
 ) -> str:
-    """Score every row of ``grid`` not done yet, then write the tables; returns the markdown table."""
+    """Score every row of ``grid`` not done yet, then write the tables; returns the markdown table. ``data_root``:
+    the data's folder when it moved since the run was trained (default: the run's ``data.root``)."""
     run_dir = Path(run_dir).resolve()
-    base, scoring_hash = _load_run(run_dir)
+    base, scoring_hash = _load_run(run_dir, data_root)
     layout = RunLayout.of(run_dir)
     rows = grid_rows(grid)
     base_args = base["model"].get("init_args", {}) or {}
@@ -243,7 +262,7 @@ def run_study(
                 "settings": settings,
                 "scoring_hash": scoring_hash,
                 "seconds": round(time.time() - started, 2),
-                "command": reproduce_command(run_dir, settings),
+                "command": reproduce_command(settings, data_root),
                 "values": _row_values(results),
                 "calibration": results["calibration"],
                 "results": {k: results[k] for k in ("pooled", "mean", "per_category") if k in results},
@@ -291,12 +310,13 @@ def write_tables(
         md_rows.append([label, *("" for _ in keys), *(format_value(values.get(k)) for k in metric_keys), ""])
         csv_rows.append([label, *("" for _ in keys), *(values.get(k, "") for k in metric_keys), ""])
     title = (
-        f"Scoring study on {run_dir} (values in %; mean over categories when there are several; s = seconds to "
+        f"Scoring study on {run_dir.name} (values in %; mean over categories when there are several; s = seconds to "
         "score the row, the first rows of a group also fill the cache). The last rows are the run's own LSGS "
         "scoring and its other methods (those of kind baseline are the floors to beat)."
     )
     commands = "\n".join(f"{i}. `{r['command']}`" for i, r in enumerate(records, start=1))
-    markdown = f"{title}\n\n{markdown_table(header_md, md_rows)}\nReproduce a row alone:\n\n{commands}\n"
+    table = markdown_table(header_md, md_rows)
+    markdown = f"{title}\n\n{table}\nReproduce a row alone (from the run folder):\n\n{commands}\n"
     atomic_write_text(layout.study_table(name, "md"), markdown)
     atomic_write_text(
         layout.study_table(name, "csv"),
@@ -321,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--cache_gb", type=float, default=2.0, help="memory for decoded restorations shared between rows"
     )
+    parser.add_argument(
+        "--data.root", dest="data_root", default=None, help="the data's folder, when it moved since the run"
+    )
     parser.add_argument("--kill_after_rows", type=int, default=None, help=argparse.SUPPRESS)  # testing only
     return parser
 
@@ -329,7 +352,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     """``lsgs study scoring ...``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: lsgs study scoring --run_dir RUN --grid JSON [--name NAME]\n\n" + (__doc__ or ""))
+        print("usage: lsgs study scoring --run_dir RUN --grid JSON [--name NAME] [--data.root DATA]\n\n"
+              + (__doc__ or ""))  # fmt: skip
         return ""
     if argv[0] != "scoring":
         raise ConfigError(f"lsgs study: unknown study {argv[0]!r}; available: scoring")
@@ -338,7 +362,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     if not args.name or "/" in args.name:
         raise ConfigError(f"--name must be a plain file name, got {args.name!r}")
     started = time.time()
-    markdown = run_study(args.run_dir, grid, args.name, args.cache_gb, args.kill_after_rows)
+    markdown = run_study(args.run_dir, grid, args.name, args.cache_gb, args.kill_after_rows, args.data_root)
     print(markdown)
     print(f"study tables: {RunLayout.of(args.run_dir).resolved().study_table(args.name, '{md,csv}')} "
           f"({time.time() - started:.0f} s)")  # fmt: skip

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
-from lightning.pytorch import LightningModule
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
@@ -138,6 +138,7 @@ class AnomalyMapModule(LightningModule, abc.ABC):
         if calibration is not None:
             self.calibration = read_json(calibration, "model.calibration")
         self.results: dict[str, Any] | None = None
+        self._without_test_set = False  # True while calibrate_without_test_set runs
 
     # ------------------------------------------------------------------------------------------- subclass API
     @abc.abstractmethod
@@ -387,17 +388,8 @@ class AnomalyMapModule(LightningModule, abc.ABC):
             image_scores=metric_scores,
         )
         scores = self.image_scores(maps, own=own)
+        self._image_rows += image_rows(batch, scores)
         for i, index in enumerate(batch["index"].tolist()):
-            self._image_rows.append(
-                {
-                    "index": index,
-                    "path": batch["path"][i],
-                    "slice_index": int(batch["slice_index"][i]),
-                    "category": batch["category"][i],
-                    "label": int(batch["label"][i]),
-                    "score": float(scores[i]),
-                }
-            )
             if index in self._panel_indices:
                 self._panels.append(
                     {
@@ -423,6 +415,7 @@ class AnomalyMapModule(LightningModule, abc.ABC):
             "method_info": self.method_info(),
             "calibration": self.calibration,
             "metric_region": self.metric_region,
+            "has_test_set": True,
             "num_test_images": len(rows),
             **values,
         }
@@ -440,15 +433,66 @@ class AnomalyMapModule(LightningModule, abc.ABC):
                 learned_state=self.learned_state(),
             )
 
+    # ------------------------------------------------------------------------------------------- no test set
+    def calibrate_without_test_set(self, trainer: Trainer, datamodule: Any) -> None:
+        """The evaluation of data without a labelled test set (normal images only, ``has_test_set`` False):
+        calibrate on the validation normals, then write what needs no test set (rank 0, into ``output_dir``): the
+        calibration, the validation normals' scores (``image_scores.csv``) and a ``results.json`` that says there
+        was no labelled test set and holds no metrics. ``load_method`` and ``lsgs detect`` use the stage as any.
+
+        It runs as a ``trainer.predict`` over the validation normals (``predict_split`` is ``val`` meanwhile): the
+        predict loop gives calibration the trainer's device, precision and DDP set-up, as the test loop does, and
+        its pass records the scores the thresholds flag.
+        """
+        self._without_test_set = True
+        try:
+            trainer.predict(self, datamodule=datamodule, return_predictions=False)
+        finally:
+            self._without_test_set = False
+
+    @property
+    def predict_split(self) -> str:
+        """The split ``trainer.predict`` reads (``lsgs.contracts.PredictSplit``): the validation normals while
+        :meth:`calibrate_without_test_set` runs, else the test set."""
+        return "val" if self._without_test_set else "test"
+
+    def _finish_without_test_set(self) -> None:
+        rows = sorted(gather_lists(self, self._image_rows), key=lambda r: r["index"])
+        threshold = float(self.calibration["image_threshold"])
+        self.results = {
+            "method": self.method_name,
+            "kind": self.kind,
+            "image_score": self.image_score_name(),
+            "method_info": self.method_info(),
+            "calibration": self.calibration,
+            "metric_region": self.metric_region,
+            "has_test_set": False,
+            "num_test_images": 0,
+            # image_scores.csv lists the validation normals: how many of them the image threshold flags.
+            "validation": {"num_images": len(rows), "num_flagged": sum(r["score"] > threshold for r in rows)},
+            "pooled": {},
+            "mean": {},
+            "per_category": {},
+        }
+        if self.trainer.is_global_zero and self.output_dir is not None:
+            write_evaluation_outputs(
+                self.output_dir, self.results, rows, [], {}, self.calibration, self.loggers,
+                learned_state=self.learned_state(),
+            )  # fmt: skip
+
     # ------------------------------------------------------------------------------------------- predict
     @override
     def on_predict_start(self) -> None:
         self.calibrate()
+        self._image_rows = []
 
     @override
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         maps, _, own = self.scored_maps(batch)
         scores = self.image_scores(maps, own=own)
+        if self._without_test_set:  # the validation normals' scores go to image_scores.csv; nothing is returned
+            self._image_rows += image_rows(batch, scores)
+            return {}
         return {
             "path": list(batch["path"]),
             "image": resize_map(batch["image"].float(), maps.shape[-2:]).cpu(),
@@ -457,9 +501,30 @@ class AnomalyMapModule(LightningModule, abc.ABC):
             "anomalous": (scores > self.calibration["image_threshold"]).cpu(),
         }
 
+    @override
+    def on_predict_epoch_end(self) -> None:
+        if self._without_test_set:
+            self._finish_without_test_set()
+
     def stage_summary(self) -> dict[str, Any]:
         return {"mean": self.results["mean"]} if self.results else {}
 
     @override
     def configure_optimizers(self) -> None:
         return None
+
+
+def image_rows(batch: dict[str, Any], scores: torch.Tensor) -> list[dict[str, Any]]:
+    """One ``image_scores.csv`` row per image of ``batch``: its dataset index, file, slice, category, label and
+    ``[B]`` image score."""
+    return [
+        {
+            "index": index,
+            "path": batch["path"][i],
+            "slice_index": int(batch["slice_index"][i]),
+            "category": batch["category"][i],
+            "label": int(batch["label"][i]),
+            "score": float(scores[i]),
+        }
+        for i, index in enumerate(batch["index"].tolist())
+    ]

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
 from lsgs.classpath import import_class
 from lsgs.errors import ConfigError
 from lsgs.evaluation.harness import AnomalyMapModule
-from lsgs.layout import StageLayout
+from lsgs.layout import StageLayout, read_stage_config
 
 
 def load_method(stage_dir: str | Path) -> AnomalyMapModule:
@@ -19,7 +17,8 @@ def load_method(stage_dir: str | Path) -> AnomalyMapModule:
     folder, the stage's ``calibration.json`` (so no calibration pass runs: predicting needs no data module with
     validation normals) and whatever the method class adds through ``AnomalyMapModule.loading_arguments`` (the
     methods of ``lsgs.methods``: ``init_from`` their learned state). LSGS needs nothing more: its config names the
-    VQ-VAE and transformer checkpoints by absolute path.
+    VQ-VAE and transformer checkpoints relative to the stage folder (``lsgs.layout.read_stage_config`` resolves
+    them), so a run folder loads wherever it was moved or copied to.
 
     Args:
         stage_dir: a finished stage folder: ``<run>/scoring`` (LSGS) or ``<run>/methods/<method>``.
@@ -40,7 +39,7 @@ def load_method(stage_dir: str | Path) -> AnomalyMapModule:
             f"'{stage.folder}' is not a finished evaluation stage ({stage.config.name} and "
             f"{stage.calibration.name} are needed); run the pipeline first"
         )
-    config = yaml.safe_load(stage.config.read_text())
+    config = read_stage_config(stage.config)
     model = config.get("model") if isinstance(config, dict) else None
     if not isinstance(model, dict) or "class_path" not in model:
         raise ConfigError(f"{stage.config}: no model.class_path")

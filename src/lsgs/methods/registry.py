@@ -24,11 +24,10 @@ from typing import Any
 
 from lsgs.errors import ConfigError
 from lsgs.io import read_json_or_none
-from lsgs.layout import METHOD_STAGE_PREFIX, StageLayout, method_stage_key
+from lsgs.layout import LSGS_METHOD, METHOD_STAGE_PREFIX, StageLayout, method_stage_key
 from lsgs.methods import BUILTIN_METHODS
 from lsgs.run_record import check_run_folder
 
-LSGS_METHOD = "lsgs"
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _ARGUMENT = re.compile(rf"^--{METHOD_STAGE_PREFIX}\.([A-Za-z_][A-Za-z0-9_]*)\.")
 

@@ -86,6 +86,17 @@ def save_png(image: np.ndarray, path: str | Path) -> Path:
     return atomic_write_bytes(path, buffer.getvalue())
 
 
+def save_picture(image: np.ndarray, path: str | Path) -> Path:
+    """Write an ``[H, W, 3]`` uint8 picture in the format its file name says (``.png``, ``.jpg`` at quality 95,
+    ``.tif``, ``.bmp``, ...), atomically."""
+    path = Path(path)
+    image_format = Image.registered_extensions().get(path.suffix.lower(), "PNG")
+    options = {"quality": 95} if image_format == "JPEG" else {}
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format=image_format, **options)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
 def log_image(
     loggers: Sequence[Any], key: str, image: np.ndarray, step: int, caption: str | None = None
 ) -> None:

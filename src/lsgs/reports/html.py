@@ -53,7 +53,7 @@ def render_html(
         "img{image-rendering:pixelated;margin:2px} .panel{margin-bottom:1.5em}",
         "</style></head><body>",
         f"<h1>LSGS report: {html.escape(run_dir.name)}</h1>",
-        f"<p>Run folder: <code>{html.escape(str(run_dir.resolve()))}</code>. Every row below went through the same "
+        f"<p>Run folder: <code>{html.escape(run_dir.resolve().name)}</code>. Every row below went through the same "
         "evaluation code on the same test set; thresholds were set on validation normals only.</p>",
         "<h2>Summary</h2>",
         markdown_table_to_html(summary),

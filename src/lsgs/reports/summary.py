@@ -16,7 +16,7 @@ from lsgs.io import atomic_write_text, read_json
 from lsgs.layout import RunLayout
 from lsgs.methods.registry import evaluated_methods
 from lsgs.reports.html import render_html
-from lsgs.reports.tables import comparison_tables
+from lsgs.reports.tables import NO_TEST_SET, comparison_tables, has_test_set
 
 SUMMARY_TITLE = "All methods on the same test set (values in %; mean over categories when there are several)"
 
@@ -31,6 +31,12 @@ def write_summary(run_dir: str | Path) -> str | None:
     named = [(m.label, read_json(m.stage.results_json, "results")) for m in methods]
     markdown, table = comparison_tables(named, kinds={m.label: m.kind for m in methods})
     markdown = f"{SUMMARY_TITLE}\n\n{markdown}"
+    untested = [label for label, results in named if not has_test_set(results)]
+    if untested:
+        markdown += (
+            f"\n{NO_TEST_SET.capitalize()} for {', '.join(untested)} (the data holds normal images only): no "
+            "metrics; the thresholds were calibrated on the validation normals, so the run serves `lsgs detect`.\n"
+        )
     atomic_write_text(layout.summary_md, markdown)
     atomic_write_text(layout.summary_csv, table)
     atomic_write_text(layout.report_html, render_html(layout.root, methods, named, markdown))

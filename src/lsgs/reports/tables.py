@@ -29,8 +29,19 @@ def format_value(value: Any) -> str:
     return f"{100.0 * float(value):.1f}"
 
 
+NO_TEST_SET = "no labelled test set"
+
+
+def has_test_set(results: dict[str, Any]) -> bool:
+    """Whether an evaluation had a labelled test set (results of data with normal images only say it has not)."""
+    return results.get("has_test_set", True) is not False
+
+
 def result_rows(results: dict[str, Any]) -> list[tuple[str, dict[str, float]]]:
-    """Per-category rows then the mean (MVTec, paper Table 2); a single pooled row for one category (Table 1)."""
+    """Per-category rows then the mean (MVTec, paper Table 2); a single pooled row for one category (Table 1); one
+    empty row named ``NO_TEST_SET`` for an evaluation without a labelled test set."""
+    if not has_test_set(results):
+        return [(NO_TEST_SET, {})]
     per_category = results.get("per_category", {})
     if len(per_category) <= 1:
         return [(next(iter(per_category), "pooled"), results["pooled"])]
@@ -63,6 +74,13 @@ def results_tables(results: dict[str, Any]) -> tuple[str, str]:
         ["category", *keys], [[name, *(values.get(key, "") for key in keys)] for name, values in rows]
     )
     title = f"**{results.get('method', 'method')}** (values in %, {results.get('num_test_images', '?')} test images)"
+    if not has_test_set(results):
+        validation = results.get("validation", {})
+        title = (
+            f"**{results.get('method', 'method')}** ({NO_TEST_SET}: no metrics; thresholds calibrated on "
+            f"{validation.get('num_images', '?')} validation normals, {validation.get('num_flagged', '?')} of them "
+            "above the image threshold)"
+        )
     return f"{title}\n\n{markdown}", table
 
 

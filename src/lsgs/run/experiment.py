@@ -12,6 +12,7 @@ so any method, built-in or not, takes overrides such as ``--methods.ae.trainer.m
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 from jsonargparse import ActionConfigFile, ActionParser, ArgumentError, ArgumentParser, Namespace
@@ -119,3 +120,30 @@ def method_names(config: Namespace) -> list[str]:
     """The ``methods.<name>`` sections a parsed experiment declares, in declaration order."""
     section = config.get(METHOD_STAGE_PREFIX)
     return list(vars(section)) if isinstance(section, Namespace) else []
+
+
+# Data arguments that name folders: the data's location, kept absolute (the data does not move with a run).
+DATA_LOCATION_ARGUMENTS = ("root", "cache_dir")
+
+
+def data_location(data: dict[str, Any]) -> dict[str, Any]:
+    """A data section (``class_path``/``init_args``) with its folders (``DATA_LOCATION_ARGUMENTS``) as absolute
+    paths (``~`` expanded), so a stage config read from any working directory finds the data."""
+    init_args = dict(data.get("init_args") or {})
+    for key in DATA_LOCATION_ARGUMENTS:
+        if isinstance(init_args.get(key), str):
+            init_args[key] = str(Path(init_args[key]).expanduser().absolute())
+    return {**data, "init_args": init_args}
+
+
+def experiment_record(parser: ArgumentParser, config: Namespace) -> str:
+    """``experiment.yaml``: the parsed experiment as its run folder keeps it, the data's folders absolute and
+    without ``run_dir`` (the record sits in the run folder, wherever that is now). Re-run or resume it with
+    ``lsgs pipeline -c RUN/experiment.yaml --run_dir RUN``."""
+    record = config.clone()
+    record.run_dir = None
+    for key in DATA_LOCATION_ARGUMENTS:
+        value = record.get(f"data.init_args.{key}")
+        if isinstance(value, str):
+            record[f"data.init_args.{key}"] = data_location({"init_args": {key: value}})["init_args"][key]
+    return parser.dump(record, skip_none=False)

@@ -29,7 +29,7 @@ from lsgs.evaluation import AnomalyMapModule
 from lsgs.io import read_json_or_none
 from lsgs.layout import METHOD_STAGE_PREFIX, RunLayout, StageLayout
 from lsgs.methods.registry import configured_methods
-from lsgs.run.experiment import method_names
+from lsgs.run.experiment import data_location, method_names
 from lsgs.stage_cli import validate_stage_config
 
 # Settings that change how a run is displayed, not what it computes: excluded from stage hashes.
@@ -154,7 +154,8 @@ def stage_inputs(stage: str, aggregate: bool, has_transformer: bool) -> dict[str
 
 def plan_experiment(config: Namespace, reuse_dirs: Sequence[str | Path] = ()) -> Experiment:
     """Resolve every active stage's config and hash (nothing runs, nothing is written)."""
-    # Absolute paths: the saved stage configs then work from any working directory (hashes ignore paths).
+    # Absolute paths in memory (the stages run from the working directory); the runner stores the paths inside
+    # the run relative to it (hashes ignore them).
     experiment = Experiment(
         config=config,
         layout=RunLayout.for_experiment(config).resolved(),
@@ -220,7 +221,7 @@ def _stage_config(config: Namespace, stage: str, data_channels: int | None) -> d
         scoring_args = namespace_to_dict(config.scoring.model).get("init_args", {})
         shared = {k: scoring_args[k] for k in harness_arguments() if k in scoring_args}
         model.setdefault("init_args", {}).update(shared)
-    data = namespace_to_dict(config.data)
+    data = data_location(namespace_to_dict(config.data))
     if stage.startswith(f"{METHOD_STAGE_PREFIX}.") and init_args.get("input_size") is not None:
         # A method at its own input size gets its images resized from the originals to that size; masks and
         # metrics stay at the run's evaluation size (data.image_size).

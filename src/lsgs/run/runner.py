@@ -2,9 +2,14 @@
 
 For every stage the runner fills in what depends on this run (upstream checkpoint paths, output folder, loggers,
 callbacks), instantiates the stage through LightningCLI (``lsgs.stage_cli``), saves its config as
-``<stage>/config.yaml`` (re-runnable alone with ``lsgs fit -c ...``) and runs it. Stages hand over through
-checkpoints only. ``done.json``, written last and atomically, marks a finished stage; an unfinished stage with the
-same hash resumes from ``checkpoints/last.ckpt``.
+``<stage>/config.yaml`` (re-runnable alone with ``lsgs fit -c ...``) and runs it. The saved config names every path
+inside the run relative to the stage folder (``lsgs.layout.store_paths``), so the run folder can be moved or copied.
+Stages hand over through checkpoints only. ``done.json``, written last and atomically, marks a finished stage; an
+unfinished stage with the same hash resumes from ``checkpoints/last.ckpt``.
+
+An evaluation stage whose data has no labelled test set (``lsgs.contracts.has_test_set_of``: normal images only)
+calibrates its thresholds on the validation normals instead of testing
+(``AnomalyMapModule.calibrate_without_test_set``), so the run still serves ``lsgs detect``.
 """
 
 from __future__ import annotations
@@ -19,9 +24,10 @@ from typing import Any
 from lightning.pytorch.plugins import CheckpointIO
 
 from lsgs.classpath import import_class
+from lsgs.contracts import has_test_set_of
 from lsgs.errors import ConfigError
 from lsgs.io import atomic_write_json, atomic_write_text, read_json, read_json_or_none, remove_partial_writes
-from lsgs.layout import LAYOUT_VERSION, METHOD_STAGE_PREFIX, RunLayout
+from lsgs.layout import LAYOUT_VERSION, METHOD_STAGE_PREFIX, RunLayout, store_paths
 from lsgs.machine import cpu_name
 from lsgs.run.experiment import ALL_METHODS, STAGE_NAMES
 from lsgs.run.loggers import finish_loggers, stage_loggers
@@ -113,7 +119,7 @@ def _run_stage(experiment: Experiment, plan: StagePlan, run_info: dict[str, Any]
     trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
     if trainer.is_global_zero:
         atomic_write_json(layout.stage_record, {"stage": stage, "hash": plan.digest})
-        atomic_write_text(layout.config, cli.parser.dump(cli.config, skip_none=False))
+        atomic_write_text(layout.config, _stage_config_text(experiment, plan, cli))
     started = time.time()
     if plan.spec.trainer_fn in ("fit", "fit_test"):
         trainer.fit(model, datamodule=datamodule, ckpt_path=str(last) if resume else None)
@@ -121,8 +127,12 @@ def _run_stage(experiment: Experiment, plan: StagePlan, run_info: dict[str, Any]
         trainer.save_checkpoint(plan.output_path, weights_only=True)
     elif plan.spec.trainer_fn == "predict":
         trainer.predict(model, datamodule=datamodule, return_predictions=False)
-    else:
+    elif has_test_set_of(datamodule):
         trainer.test(model, datamodule=datamodule)
+    else:
+        print(f"[lsgs] {stage}: the data has no labelled test set; calibrating on the validation normals only",
+              flush=True)  # fmt: skip
+        model.calibrate_without_test_set(trainer, datamodule)
     summary = {k: _to_float(v) for k, v in trainer.callback_metrics.items()}
     summary.update(getattr(model, "stage_summary", lambda: {})())
     if trainer.is_global_zero:
@@ -141,6 +151,17 @@ def _run_stage(experiment: Experiment, plan: StagePlan, run_info: dict[str, Any]
         )
     trainer.strategy.barrier("lsgs-stage-done")
     finish_loggers(trainer)
+
+
+def _stage_config_text(experiment: Experiment, plan: StagePlan, cli: Any) -> str:
+    """The stage's config as ``config.yaml`` holds it: what the stage ran with, every path inside the run (or a
+    run it reuses stages of) written relative to the stage folder."""
+    import yaml
+
+    config = yaml.safe_load(cli.parser.dump(cli.config, skip_none=False))
+    roots = [experiment.layout.root, *(run.root for run in experiment.reuse)]
+    stored = store_paths(config, plan.folder, roots)
+    return yaml.safe_dump(stored, sort_keys=False, default_flow_style=False, allow_unicode=True)
 
 
 def compute_environment(world_size: int = 1) -> dict[str, Any]:
