@@ -13,9 +13,11 @@ import pytest
 import torch
 from test_pipeline import TINY
 
+import lsgs.study as study
 from data_modules import FolderDataModule, MVTecDataModule
 from lsgs.contracts import has_test_set_of
 from lsgs.detect import detect
+from lsgs.errors import ConfigError
 from lsgs.methods.registry import load_method
 from lsgs.metrics import ScoreQuantile
 from lsgs.pipeline import main as pipeline_main
@@ -79,6 +81,9 @@ def test_the_report_says_there_was_no_labelled_test_set(normal_run: Path) -> Non
     assert "No labelled test set for LSGS, ae, intensity, pixel_gaussian" in summary
     assert "no labelled test set" in (normal_run / "results.md").read_text()
     assert (normal_run / "report.html").is_file()
+    # A scoring study compares metrics, which need a labelled test set: one line says so.
+    with pytest.raises(ConfigError, match="no labelled test set"):
+        study.main(["scoring", f"--run_dir={normal_run}", '--grid={"seed": [1]}'])
 
 
 @pytest.mark.parametrize("method", ["lsgs", "ae", "pixel_gaussian"])

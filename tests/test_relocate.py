@@ -17,6 +17,7 @@ import lsgs.study as study
 from lsgs.cli import main as lsgs_main
 from lsgs.detect import detect
 from lsgs.errors import ConfigError
+from lsgs.methods.registry import load_method
 from lsgs.pipeline import main as pipeline_main
 from lsgs.reports.summary import write_summary
 
@@ -61,10 +62,14 @@ def moved(tiny_run: Path, demo_mvtec_root: Path, tmp_path_factory: pytest.TempPa
 
 
 def test_a_moved_run_detects_reports_and_studies_as_before(moved: tuple[Path, dict, dict]) -> None:
-    _, before, after = moved
+    run_dir, before, after = moved
     assert before["heatmaps"] and before["study"]
     for key in before:
         assert after[key] == before[key], key
+    # ... with its own checkpoints: the copy's, not those of the run it was copied from (which still exists).
+    hparams = load_method(run_dir, "lsgs").hparams
+    for checkpoint in (hparams.vqvae_checkpoint, hparams.transformer_checkpoint):
+        assert Path(checkpoint).is_relative_to(run_dir), checkpoint
 
 
 def test_no_text_file_of_the_run_names_where_it_is(moved: tuple[Path, dict, dict]) -> None:
