@@ -22,14 +22,14 @@ from lsgs.methods.registry import load_method
 from lsgs.metrics import ScoreQuantile
 from lsgs.pipeline import main as pipeline_main
 
-METHODS = ("lsgs", "ae", "intensity", "pixel_gaussian")
+METHODS = ("lsgs", "ae", "intensity", "patchcore", "pixel_gaussian")
 STAGE = {"lsgs": "scoring", **{m: f"methods/{m}" for m in METHODS[1:]}}
 
 
 @pytest.fixture(scope="module")
 def normal_run(demo_mvtec_root: Path, data_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny pipeline (LSGS, AE for one epoch, two statistics baselines) on the demo's 16 fabric training
-    normals, copied into a folder data set with no anomalous folder."""
+    """The tiny pipeline (LSGS, AE for one epoch, two statistics baselines, PatchCore at its own input size) on the
+    demo's 16 fabric training normals, copied into a folder data set with no anomalous folder."""
     base = tmp_path_factory.mktemp("normal-only")
     shutil.copytree(demo_mvtec_root / "fabric" / "train" / "good", base / "data" / "good")
     run_dir = base / "run"
@@ -78,7 +78,7 @@ def test_every_method_is_calibrated_on_the_validation_normals(
 
 def test_the_report_says_there_was_no_labelled_test_set(normal_run: Path) -> None:
     summary = (normal_run / "summary.md").read_text()
-    assert "No labelled test set for LSGS, ae, intensity, pixel_gaussian" in summary
+    assert "No labelled test set for LSGS, ae, intensity, patchcore, pixel_gaussian" in summary
     assert "no labelled test set" in (normal_run / "results.md").read_text()
     assert (normal_run / "report.html").is_file()
     # A scoring study compares metrics, which need a labelled test set: one line says so.
@@ -86,8 +86,17 @@ def test_the_report_says_there_was_no_labelled_test_set(normal_run: Path) -> Non
         study.main(["scoring", f"--run_dir={normal_run}", '--grid={"seed": [1]}'])
 
 
-@pytest.mark.parametrize("method", ["lsgs", "ae", "pixel_gaussian"])
-def test_the_run_serves_detect(normal_run: Path, demo_mvtec_root: Path, tmp_path: Path, method: str) -> None:
+@pytest.mark.parametrize("method", ["lsgs", "ae", "patchcore", "pixel_gaussian"])
+def test_the_run_serves_detect(
+    normal_run: Path, demo_mvtec_root: Path, data_cache_dir: Path, tmp_path: Path, method: str
+) -> None:
+    """``lsgs detect`` scores with the calibrated thresholds, as the harness scores the same files read by a data
+    module at the stage's sizes (PatchCore reads its images at its own input size, 224 px)."""
+    from lightning.pytorch import Trainer
+
+    from data_modules import ImageFolderDataModule
+    from lsgs.layout import read_stage_config
+
     images = tmp_path / "line"
     images.mkdir()
     for defect in ("good", "hole"):
@@ -95,7 +104,14 @@ def test_the_run_serves_detect(normal_run: Path, demo_mvtec_root: Path, tmp_path
     out = detect(normal_run, images, tmp_path / "out", method=method)
     with (out / "scores.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    threshold = load_method(normal_run, method).image_threshold
+    model = load_method(normal_run, method)
     assert [r["path"] for r in rows] == ["good.png", "hole.png"]
-    assert all(int(r["anomalous"]) == int(float(r["score"]) > threshold) for r in rows)
+    assert all(int(r["anomalous"]) == int(float(r["score"]) > model.image_threshold) for r in rows)
     assert sorted(p.name for p in (out / "heatmaps").iterdir()) == ["good.png", "hole.png"]
+    data = read_stage_config(normal_run / STAGE[method] / "config.yaml")["data"]["init_args"]
+    assert (data.get("model_input_size") is not None) == (method == "patchcore")
+    datamodule = ImageFolderDataModule(str(images), image_size=data["image_size"], cache_dir=str(data_cache_dir),
+                                       model_input_size=data.get("model_input_size"))  # fmt: skip
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False)
+    scores = torch.cat([p["score"] for p in trainer.predict(model, datamodule=datamodule)])
+    assert [float(r["score"]) for r in rows] == pytest.approx(scores.tolist(), rel=1e-5)  # scores.csv: 6 digits
