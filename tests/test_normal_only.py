@@ -28,7 +28,7 @@ STAGE = {"lsgs": "scoring", **{m: f"methods/{m}" for m in METHODS[1:]}}
 
 @pytest.fixture(scope="module")
 def normal_run(demo_mvtec_root: Path, data_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny pipeline (LSGS, AE for one epoch, two statistics baselines, PatchCore at its own input size) on the
+    """The tiny pipeline (LSGS, AE for one epoch, two statistics methods, PatchCore at its own input size) on the
     demo's 16 fabric training normals, copied into a folder data set with no anomalous folder."""
     base = tmp_path_factory.mktemp("normal-only")
     shutil.copytree(demo_mvtec_root / "fabric" / "train" / "good", base / "data" / "good")

@@ -27,7 +27,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 USAGE = __doc__
-CONFIG_OPTIONS = ("-c", "--config")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -91,6 +90,7 @@ def stage_arguments(argv: Sequence[str]) -> list[str]:
     """A stage command's arguments with each ``--config`` file whose values name paths relative to it (a run's
     stage config: ``lsgs.layout.store_paths``) replaced by its content with those paths resolved against the
     file's folder; other arguments, and files without such paths, unchanged."""
+    from lsgs.methods.registry import CONFIG_OPTIONS
 
     def resolved(value: str) -> str:
         import yaml

@@ -28,6 +28,7 @@ from lsgs.layout import LSGS_METHOD, METHOD_STAGE_PREFIX, StageLayout, method_st
 from lsgs.methods import BUILTIN_METHODS
 from lsgs.run_record import check_run_folder
 
+CONFIG_OPTIONS = ("-c", "--config")  # the config-file options of the experiment and stage parsers
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _ARGUMENT = re.compile(rf"^--{METHOD_STAGE_PREFIX}\.([A-Za-z_][A-Za-z0-9_]*)\.")
 
@@ -66,7 +67,7 @@ def discover_method_names(argv: Sequence[str]) -> list[str]:
     their sections."""
     sources = []
     for i, argument in enumerate(argv):
-        if argument in ("-c", "--config") and i + 1 < len(argv):
+        if argument in CONFIG_OPTIONS and i + 1 < len(argv):
             sources.append(argv[i + 1])
         elif argument.startswith(("--config=", "-c=")):
             sources.append(argument.split("=", 1)[1])
