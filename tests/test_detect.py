@@ -1,6 +1,6 @@
-"""``lsgs detect`` on the tiny demo run: one output per input over a tree with repeated file names, heatmaps at each
-input's own resolution and format, threshold overrides, videos frame by frame, the scoring equal to the data
-modules' path, and a help path that imports neither torch nor Lightning."""
+"""``lsgs detect`` on the tiny demo run and on its export: one output per input over a tree with repeated file
+names, heatmaps at each input's own resolution and format, threshold overrides, videos frame by frame, the scoring
+equal to the data modules' path, and a help path that imports neither torch nor Lightning."""
 
 from __future__ import annotations
 
@@ -205,3 +205,23 @@ def test_help_imports_neither_torch_nor_lightning() -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "usage: lsgs detect" in proc.stdout and "--image_threshold" in proc.stdout
     assert "LOADED []" in proc.stdout, proc.stdout[-500:]
+
+
+def test_an_export_scores_as_the_run_does(detected: Path, tiny_run: Path, tree: Path, tmp_path: Path) -> None:
+    """``lsgs detect --export`` (the exported graphs in onnxruntime, no run folder) gives the run's scores to 1e-4
+    of their range, the same decisions and one heatmap per input; giving both or neither source is one line."""
+    from lsgs.inference import export_method
+
+    exported = export_method(tiny_run, "lsgs", "onnx", tmp_path / "export", "legacy")
+    out = detect(None, tree, recursive=True, export=exported)
+    assert out == exported / "detect" / "nut"
+    run_rows, export_rows = read_rows(detected), read_rows(out)
+    assert [r["path"] for r in export_rows] == [r["path"] for r in run_rows]
+    scores = np.array([float(r["score"]) for r in run_rows])
+    spread = float(scores.max() - scores.min())
+    for mine, theirs in zip(export_rows, run_rows, strict=True):
+        assert abs(float(mine["score"]) - float(theirs["score"])) <= 1e-4 * spread, mine["path"]
+        assert mine["anomalous"] == theirs["anomalous"] and (out / mine["output"]).is_file()
+    for both in ({"export": exported}, {}):
+        with pytest.raises(ConfigError, match=r"give one of --run_dir .* and --export"):
+            detect(tiny_run if both else None, tree, **both)

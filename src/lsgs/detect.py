@@ -2,18 +2,22 @@
 
     lsgs detect --run_dir RUN --images FOLDER|IMAGE|VIDEO [--method NAME] [--recursive true]
                 [--image_threshold T] [--pixel_threshold T] [--category NAME] [--output DIR]
+    lsgs detect --export EXPORT_DIR --images ...        (an ``lsgs export`` folder: no run, no Lightning)
 
 Any evaluated method of the run scores (``--method``, default ``lsgs``; the built-in methods and any other
 configured method by name). It is rebuilt from its stage folder (``load_method``) with the thresholds its stage set
 on the validation normals (``calibration.json``), unless ``--image_threshold`` / ``--pixel_threshold`` override
-them: the pixel threshold draws the predicted region, the image threshold decides the ``anomalous`` column.
+them: the pixel threshold draws the predicted region, the image threshold decides the ``anomalous`` column. With
+``--export`` the exported graphs score instead (``lsgs.Inferencer.from_export``: onnxruntime, or torch for a
+TorchScript export), with the thresholds of the export's ``metadata.json``.
 
 ``--images`` is a folder of images and videos (``--recursive``: its sub-folders too), one image file or one video
 file (``.mp4 .m4v .mov .avi .mkv``). An image is scored at the run's size and its map resized back to the image's
 own resolution; a video is scored frame by frame. The images take the name of the folder given (or of the folder
 holding the file given) as their category unless ``--category`` names one (per-category methods need it).
-Outputs (``--output``, default ``RUN/detect/<name>``; names from ``lsgs.layout.DetectLayout``: an output keeps its
-input's path relative to ``--images``, so no two inputs share an output file)::
+Outputs (``--output``, default ``RUN/detect/<name>`` or ``EXPORT_DIR/detect/<name>``; names from
+``lsgs.layout.DetectLayout``: an output keeps its input's path relative to ``--images``, so no two inputs share an
+output file)::
 
     scores.csv          one row per image or video frame: path, frame, score, anomalous, output
     thresholds.json     the thresholds used, and the calibrated ones
@@ -21,7 +25,8 @@ input's path relative to ``--images``, so no two inputs share an output file)::
     videos/<path>       a video with the anomaly map over every frame and its score (same frames, same rate)
 
 Only the parser is imported up front: ``lsgs detect --help`` loads neither torch nor Lightning. The scoring itself
-is one call, :meth:`RunScorer.score`; everything else reads inputs or writes outputs.
+is one call, :meth:`RunScorer.score` (or :meth:`ExportScorer.score`); everything else reads inputs or writes
+outputs.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from typing import Any
 from jsonargparse import ArgumentParser
 
 from lsgs.errors import ConfigError, DataError, DataNotFoundError
-from lsgs.layout import LSGS_METHOD, DetectLayout, RunLayout
+from lsgs.layout import DETECT_FOLDER, LSGS_METHOD, DetectLayout, RunLayout
 
 SCORES_COLUMNS = ("path", "frame", "score", "anomalous", "output")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
@@ -46,7 +51,10 @@ ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="lsgs detect", description=__doc__)
-    parser.add_argument("--run_dir", type=str, required=True, help="a finished pipeline run folder")
+    parser.add_argument("--run_dir", type=str | None, default=None, help="a finished pipeline run folder")
+    parser.add_argument(
+        "--export", type=str | None, default=None, help="an lsgs export folder, instead of --run_dir and --method"
+    )
     parser.add_argument(
         "--images", type=str, required=True, help="a folder of images and videos, one image or one video file"
     )
@@ -141,6 +149,25 @@ class RunScorer:
                 (resize_map(maps[i : i + 1].float(), image.shape[:2])[0, 0].cpu().numpy(), float(scores[i]))
                 for i, image in enumerate(images)
             ]
+
+
+class ExportScorer:
+    """The scoring call of ``lsgs detect --export``: an ``lsgs export`` folder run by ``lsgs.Inferencer`` (no run
+    folder, no Lightning), with the thresholds of its ``metadata.json``; the same call as :class:`RunScorer`."""
+
+    def __init__(self, export_dir: str | Path, batch_size: int = 8) -> None:
+        from lsgs.inference import Inferencer
+
+        self.inferencer = Inferencer.from_export(export_dir, batch_size=batch_size)
+        self.channels = int(self.inferencer.channels)
+        self.image_threshold = float(self.inferencer.image_threshold)
+        self.pixel_threshold = float(self.inferencer.pixel_threshold)
+
+    def score(self, images: Sequence[Any], indices: Sequence[int], category: str) -> list[tuple[Any, float]]:
+        """As :meth:`RunScorer.score`: per image, its final map at the image's own size and its image score."""
+        seeds = self.inferencer.noise_seeds(list(indices))
+        predictions = self.inferencer.predict(list(images), category=category, seed=seeds)
+        return [(prediction.anomaly_map, float(prediction.score)) for prediction in predictions]
 
 
 def _device(accelerator: str) -> Any:
@@ -333,7 +360,7 @@ def _checked(value: float | None, option: str) -> float | None:
 
 
 def detect(
-    run_dir: str | Path,
+    run_dir: str | Path | None,
     images: str | Path,
     output: str | Path | None = None,
     recursive: bool = False,
@@ -343,9 +370,11 @@ def detect(
     image_threshold: float | None = None,
     pixel_threshold: float | None = None,
     category: str | None = None,
+    export: str | Path | None = None,
 ) -> Path:
-    """Score every image and video frame ``images`` names with ``method`` of the finished run ``run_dir``; return
-    the output folder. The arguments are the command's options (see the module docstring)."""
+    """Score every image and video frame ``images`` names with ``method`` of the finished run ``run_dir`` (or with
+    the ``lsgs export`` folder ``export``); return the output folder. The arguments are the command's options (see
+    the module docstring)."""
     from data_modules.image_io import read_original
     from data_modules.video import read_frames, video_info
     from lsgs.progress import progress
@@ -356,8 +385,17 @@ def detect(
         raise ConfigError(f"--accelerator {accelerator!r} is not one of {list(ACCELERATORS)}")
     given = {"image_threshold": _checked(image_threshold, "--image_threshold"),
              "pixel_threshold": _checked(pixel_threshold, "--pixel_threshold")}  # fmt: skip
+    if (run_dir is None) == (export is None):
+        raise ConfigError("give one of --run_dir (a run folder) and --export (an lsgs export folder)")
     inputs = find_inputs(images, recursive)  # before the model loads: a wrong path fails at once
-    scorer = RunScorer(run_dir, method, accelerator)
+    scorer: RunScorer | ExportScorer
+    if export is not None:
+        scorer = ExportScorer(export, batch_size)
+        method = scorer.inferencer.method
+        default_output = Path(export) / DETECT_FOLDER / Path(images).resolve().name
+    else:
+        scorer = RunScorer(run_dir, method, accelerator)
+        default_output = RunLayout.of(run_dir).detect_dir(images)
     category = category or inputs.folder.resolve().name
     thresholds = Thresholds(
         scorer.image_threshold if image_threshold is None else image_threshold,
@@ -369,7 +407,7 @@ def detect(
         "calibrated": {"image_threshold": scorer.image_threshold, "pixel_threshold": scorer.pixel_threshold},
         "overridden": [name for name, value in given.items() if value is not None],
     }
-    writer = DetectWriter(Path(output) if output else RunLayout.of(run_dir).detect_dir(images), thresholds, record)
+    writer = DetectWriter(Path(output) if output else default_output, thresholds, record)
     numbered = list(enumerate(inputs.images))
     for batch in progress(list(_batches(numbered, batch_size)), "detect (images)"):
         originals = [read_original(path, scorer.channels) for _, path in batch]
@@ -394,5 +432,5 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     detect(
         args.run_dir, args.images, args.output, args.recursive, args.batch_size, args.accelerator, args.method,
-        args.image_threshold, args.pixel_threshold, args.category,
+        args.image_threshold, args.pixel_threshold, args.category, args.export,
     )  # fmt: skip

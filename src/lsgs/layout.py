@@ -42,6 +42,7 @@ from typing import Any
 LAYOUT_VERSION = 3
 
 DEFAULT_RUNS_ROOT = Path("runs")
+DETECT_FOLDER = "detect"  # lsgs detect's default output parent, in a run folder or an export folder
 METHOD_STAGE_PREFIX = "methods"  # stage key of an evaluated method other than LSGS: methods.<method>
 LSGS_METHOD = "lsgs"  # the method name of LSGS itself; its evaluation is the ``scoring`` stage
 LSGS_STAGES = ("vqvae", "aggregator", "finetune", "transformer", "scoring")
@@ -280,7 +281,7 @@ class RunLayout:
     # detect
     def detect_dir(self, images: str | Path) -> Path:
         """``detect/<name>``: the default output folder of ``lsgs detect`` for the folder (or file) ``images``."""
-        return self.root / "detect" / Path(images).resolve().name
+        return self.root / DETECT_FOLDER / Path(images).resolve().name
 
     # export
     def export_dir(self, method: str, export_format: str) -> Path:
