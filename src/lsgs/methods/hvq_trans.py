@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import DDPStrategy, Strategy
 from torch import Tensor
 from typing_extensions import override
@@ -127,6 +128,9 @@ class HVQTransMethod(FeatureMethod):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         if self.net is None:
+            # The random state seed_everything left, as a DDP launch restores it before setup: the initial weights
+            # (built here, once the classes are known) are then the same whatever the number of processes.
+            reset_seed()
             self._build(self.categories_from_data())
         if stage == "fit":
             check_ddp_strategy(self.trainer.strategy, self.categories)
