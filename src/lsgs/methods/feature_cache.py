@@ -56,7 +56,8 @@ def train_features(
 
     Args:
         datamodule: an ``AnomalyDataModule`` (its ``train_eval`` split: the training images in order, without
-            augmentation; ``batch["index"]`` of the training split indexes the returned rows).
+            augmentation; ``batch["index"]`` of the training split indexes the returned rows); anything else (no
+            image cache, e.g. None when the trainer was given plain dataloaders) gets no feature cache.
         features_of: ``[B, C, H, W]`` images in [0, 1] -> ``[B, ...]`` features (the frozen backbone and the
             method's fixed transform of its maps), run under ``torch.no_grad``.
         backbone: the backbone's ``describe()`` (its weights fingerprint keys the entry).
@@ -66,6 +67,10 @@ def train_features(
         barrier: waits for every process (DDP), so no process opens an entry another one is still building.
         log: where the one-line notes go.
     """
+    if not hasattr(datamodule, "image_cache_entries"):
+        log(f"[lsgs] {type(datamodule).__name__} has no image cache to key features on: backbone features are "
+            "computed per batch, without the feature cache")  # fmt: skip
+        return None
     if datamodule.train_transform is not None:
         log("[lsgs] train_transforms change the training pixels every epoch: backbone features are computed per "
             "batch, without the feature cache")  # fmt: skip

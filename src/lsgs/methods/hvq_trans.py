@@ -12,11 +12,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.strategies import DDPStrategy, Strategy
 from torch import Tensor
 from typing_extensions import override
 
 from lsgs.checkpoints import METHOD_KIND, load_checkpoint
-from lsgs.errors import TrainingDivergedError
+from lsgs.errors import ConfigError, TrainingDivergedError
 from lsgs.evaluation import OWN_IMAGE_SCORE
 from lsgs.methods.feature_cache import train_features
 from lsgs.methods.feature_method import FeatureMethod, export_feature_graph
@@ -128,7 +130,12 @@ class HVQTransMethod(FeatureMethod):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         if self.net is None:
+            # The random state seed_everything left, as a DDP launch restores it before setup: the initial weights
+            # (built here, once the classes are known) are then the same whatever the number of processes.
+            reset_seed()
             self._build(self.categories_from_data())
+        if stage == "fit":
+            check_ddp_strategy(self.trainer.strategy, self.categories)
 
     # ------------------------------------------------------------------------------------------- features
     @property
@@ -149,7 +156,7 @@ class HVQTransMethod(FeatureMethod):
             self.backbone.describe(),
             {"neck": "hvq-trans aligned maps", "grid": list(self.token_grid)},
             self.device,
-            is_builder=trainer.is_global_zero,
+            is_builder=trainer.local_rank == 0,  # one builder per node: node-local cache folders work too
             barrier=trainer.strategy.barrier,
             log=lambda line: print(line, flush=True) if trainer.is_global_zero else None,
         )
@@ -217,3 +224,21 @@ class HVQTransMethod(FeatureMethod):
     def method_info(self) -> dict[str, Any]:
         return {**super().method_info(), "image_score_pool": self.hparams.image_score_pool,
                 "ot_weight": self.hparams.ot_weight}  # fmt: skip
+
+
+def check_ddp_strategy(strategy: Strategy, categories: Sequence[str]) -> None:
+    """Refuse, in one line and before training, a DDP strategy that would stop at the first step.
+
+    With several classes a batch rarely holds all of them, and the output projections of the absent ones take no
+    part in the loss; DDP must then be told to look for unused parameters (the official code wraps the model in
+    ``DistributedDataParallel(..., find_unused_parameters=True)``), else it fails in the next step. One class
+    uses every parameter in every step, so plain DDP works.
+    """
+    if len(categories) < 2 or not isinstance(strategy, DDPStrategy):
+        return
+    if not strategy._ddp_kwargs.get("find_unused_parameters", False):  # Lightning keeps DDP's kwargs only there
+        raise ConfigError(
+            f"hvq_trans has {len(categories)} classes and DDP without find_unused_parameters: a batch without some "
+            "classes leaves their output projections unused, which stops DDP; set "
+            "--trainer.strategy=ddp_find_unused_parameters_true"
+        )
