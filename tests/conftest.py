@@ -83,6 +83,22 @@ def tiny_run_with_methods(
 
 
 @pytest.fixture(scope="session")
+def tiny_run_with_hvq(
+    tiny_run_with_methods: Path, tmp_path_factory: pytest.TempPathFactory, demo_mvtec_root: Path, data_cache_dir: Path
+) -> Path:
+    """A copy of ``tiny_run_with_methods`` plus HVQ-Trans (``tiny_feature_methods.TINY_HVQ``) on the command line:
+    the default command with one more method, so only HVQ-Trans runs. Read-only."""
+    from test_pipeline import TINY_METHODS, copy_run, tiny_args
+    from tiny_feature_methods import TINY_HVQ
+
+    from lsgs.pipeline import main as pipeline_main
+
+    run_dir = copy_run(tiny_run_with_methods, tmp_path_factory.mktemp("hvq"))
+    pipeline_main(tiny_args(demo_mvtec_root, data_cache_dir, run_dir, "--run_methods=true", *TINY_METHODS, *TINY_HVQ))
+    return run_dir
+
+
+@pytest.fixture(scope="session")
 def tiny_vqvae(tmp_path_factory: pytest.TempPathFactory, demo_mvtec_root: Path, data_cache_dir: Path) -> tuple:
     """The tiny stage-1 VQ-VAE of the module tests (test_module_vqvae.TINY, 2 epochs, seed 0, demo MVTec data at
     32 px): ``(checkpoint path, fitted VQVAE module)``, trained once per session. Read-only."""

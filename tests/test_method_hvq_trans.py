@@ -17,8 +17,7 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from sklearn.metrics import roc_auc_score
-from test_pipeline import REPO, TINY_METHODS, copy_run, nut_test_images, run_detect, tiny_args
-from tiny_feature_methods import TINY_HVQ
+from test_pipeline import REPO, copy_run, nut_test_images, run_detect
 
 from data_modules import FolderDataModule, MVTecDataModule
 from lsgs.errors import ConfigError, DataError
@@ -35,28 +34,15 @@ TINY_KWARGS = {
 }  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def hvq_run(
-    tiny_run_with_methods: Path, tmp_path_factory: pytest.TempPathFactory, demo_mvtec_root: Path, data_cache_dir: Path
-) -> Path:
-    """A copy of the tiny run with its methods, plus HVQ-Trans (``TINY_HVQ``) on the command line: the default
-    command with one more method, so only HVQ-Trans runs."""
-    from lsgs.pipeline import main as pipeline_main
-
-    run_dir = copy_run(tiny_run_with_methods, tmp_path_factory.mktemp("hvq"))
-    pipeline_main(tiny_args(demo_mvtec_root, data_cache_dir, run_dir, "--run_methods=true", *TINY_METHODS, *TINY_HVQ))
-    return run_dir
-
-
 def test_hvq_trans_runs_through_the_pipeline_into_the_summary_and_the_report(
-    hvq_run: Path, tiny_run_with_methods: Path
+    tiny_run_with_hvq: Path, tiny_run_with_methods: Path
 ) -> None:
-    stage = hvq_run / "methods" / "hvq_trans"
+    stage = tiny_run_with_hvq / "methods" / "hvq_trans"
     for name in ("intensity", "pixel_gaussian", "ae", "vae", "patchcore"):  # finished earlier: skipped
-        done = hvq_run / "methods" / name / "done.json"
+        done = tiny_run_with_hvq / "methods" / name / "done.json"
         assert done.read_text() == (tiny_run_with_methods / "methods" / name / "done.json").read_text()
     results = json.loads((stage / "results.json").read_text())
-    scoring = json.loads((hvq_run / "scoring" / "results.json").read_text())
+    scoring = json.loads((tiny_run_with_hvq / "scoring" / "results.json").read_text())
     assert (results["method"], results["kind"], results["image_score"]) == ("hvq_trans", "method", "pooled max (own)")
     # One model for the three categories of the demo (each has normals of its own): one class each.
     info = results["method_info"]
@@ -64,7 +50,7 @@ def test_hvq_trans_runs_through_the_pipeline_into_the_summary_and_the_report(
     assert info["backbone"]["name"] == "lite0" and info["backbone"]["weights"] == "random"
     assert results["metric_region"] == scoring["metric_region"] and results["num_test_images"] == 30
     assert sorted(p.name for p in (stage / "heatmaps").glob("*.png")) == sorted(
-        p.name for p in (hvq_run / "scoring" / "heatmaps").glob("*.png"))  # fmt: skip
+        p.name for p in (tiny_run_with_hvq / "scoring" / "heatmaps").glob("*.png"))  # fmt: skip
     with (stage / "image_scores.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     for category in ("fabric", "mesh", "nut"):  # the image AUROC is that of the scores the stage wrote
@@ -77,18 +63,18 @@ def test_hvq_trans_runs_through_the_pipeline_into_the_summary_and_the_report(
     assert {f"net.output_projections.{i}.weight" for i in range(3)} <= set(checkpoint["state_dict"])
     assert checkpoint["state_dict"]["net.quantizers.0.codebook"].shape == (3, 8, 16)
     # The summary and the report have its row, labelled with its kind and its own image score.
-    with (hvq_run / "summary.csv").open() as handle:
+    with (tiny_run_with_hvq / "summary.csv").open() as handle:
         summary = {r["method"]: r for r in csv.DictReader(handle)}
     assert list(summary)[:2] == ["LSGS", "hvq_trans"] and summary["hvq_trans"]["kind"] == "method"
     assert summary["hvq_trans"]["image_score"] == "pooled max (own)"
     assert float(summary["hvq_trans"]["pixel_auroc"]) == results["mean"]["pixel_auroc"]
-    assert "<td>hvq_trans</td><td>method</td>" in (hvq_run / "report.html").read_text()
+    assert "<td>hvq_trans</td><td>method</td>" in (tiny_run_with_hvq / "report.html").read_text()
 
 
-def test_lsgs_report_rewrites_the_summary_with_hvq_trans(hvq_run: Path, tmp_path: Path) -> None:
+def test_lsgs_report_rewrites_the_summary_with_hvq_trans(tiny_run_with_hvq: Path, tmp_path: Path) -> None:
     from lsgs.cli import main as lsgs_main
 
-    run_dir = copy_run(hvq_run, tmp_path)
+    run_dir = copy_run(tiny_run_with_hvq, tmp_path)
     (run_dir / "summary.csv").unlink()
     (run_dir / "report.html").unlink()
     lsgs_main(["report", f"--run_dir={run_dir}"])
@@ -99,12 +85,14 @@ def test_lsgs_report_rewrites_the_summary_with_hvq_trans(hvq_run: Path, tmp_path
     assert report.count("data:image/png;base64,") >= 2 + 6 * 7  # curves + 6 panels x 7 methods
 
 
-def test_detect_scores_test_images_as_the_stage_did(hvq_run: Path, tmp_path: Path, demo_mvtec_root: Path) -> None:
+def test_detect_scores_test_images_as_the_stage_did(
+    tiny_run_with_hvq: Path, tmp_path: Path, demo_mvtec_root: Path
+) -> None:
     """``lsgs detect --method hvq_trans`` takes the category from the folder name (``nut``: the nut codebooks)
     and gives the scores the test stage wrote, flagged by the stage's image threshold."""
-    stage = hvq_run / "methods" / "hvq_trans"
+    stage = tiny_run_with_hvq / "methods" / "hvq_trans"
     copied = nut_test_images(demo_mvtec_root, tmp_path / "nut")
-    rows = run_detect(hvq_run, tmp_path / "nut", tmp_path / "out", "hvq_trans")
+    rows = run_detect(tiny_run_with_hvq, tmp_path / "nut", tmp_path / "out", "hvq_trans")
     with (stage / "image_scores.csv").open() as handle:
         tested = {Path(r["path"]).resolve(): float(r["score"]) for r in csv.DictReader(handle)}
     threshold = json.loads((stage / "calibration.json").read_text())["image_threshold"]
@@ -114,18 +102,18 @@ def test_detect_scores_test_images_as_the_stage_did(hvq_run: Path, tmp_path: Pat
         assert int(row["anomalous"]) == int(float(row["score"]) > threshold)
     # Another class's codebooks and projection give other scores: the folder name did choose the class.
     shutil.copytree(tmp_path / "nut", tmp_path / "fabric")
-    other = run_detect(hvq_run, tmp_path / "fabric", tmp_path / "out-fabric", "hvq_trans")
+    other = run_detect(tiny_run_with_hvq, tmp_path / "fabric", tmp_path / "out-fabric", "hvq_trans")
     assert [float(r["score"]) for r in other] != pytest.approx([float(r["score"]) for r in rows], rel=1e-3)
 
 
 def test_detect_with_an_unknown_category_is_a_one_line_error(
-    hvq_run: Path, tmp_path: Path, demo_mvtec_root: Path, capsys: pytest.CaptureFixture[str]
+    tiny_run_with_hvq: Path, tmp_path: Path, demo_mvtec_root: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from lsgs.cli import main as lsgs_main
 
     nut_test_images(demo_mvtec_root, tmp_path / "screws")
     with pytest.raises(SystemExit) as stop:
-        lsgs_main(["detect", f"--run_dir={hvq_run}", f"--images={tmp_path / 'screws'}", "--method=hvq_trans",
+        lsgs_main(["detect", f"--run_dir={tiny_run_with_hvq}", f"--images={tmp_path / 'screws'}", "--method=hvq_trans",
                    f"--output={tmp_path / 'out'}", "--accelerator=cpu"])  # fmt: skip
     assert stop.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]

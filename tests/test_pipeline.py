@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
+from tiny_feature_methods import TINY_HVQ, TINY_HVQ_DDP_STRATEGY
 
 from lsgs.pipeline import main as pipeline_main
 
@@ -281,21 +282,24 @@ def method_metrics(run_dir: Path) -> dict[str, dict]:
 
 
 def test_two_process_ddp_run_equals_the_single_process_run(
-    tiny_run: Path, tiny_run_with_methods: Path, tmp_path: Path, demo_mvtec_root: Path, data_cache_dir: Path
+    tiny_run: Path, tiny_run_with_hvq: Path, tmp_path: Path, demo_mvtec_root: Path, data_cache_dir: Path
 ) -> None:
-    """torchrun with 2 CPU processes (gloo), half the per-process batch, the methods on: same samples per optimiser
-    step, so the same models up to float summation order (the VAE's latent noise is drawn per image, the same in
-    both runs), and the same metrics to 1e-4 for LSGS and every method."""
+    """torchrun with 2 CPU processes (gloo), half the per-process batch, the methods on (HVQ-Trans too, dropout 0):
+    same samples per optimiser step, so the same models up to float summation order (the VAE's latent noise is
+    drawn per image, the same in both runs; HVQ-Trans's EMA statistics are summed over the ranks), and the same
+    metrics to 1e-4 for LSGS and every method. HVQ-Trans has three classes here, so DDP looks for unused
+    parameters (``TINY_HVQ_DDP_STRATEGY``)."""
     run_dir = tmp_path / "ddp"
     args = tiny_args(
         demo_mvtec_root,
         data_cache_dir,
         run_dir,
         "--data.batch_size=4",
-        "--trainer.strategy=ddp",
+        TINY_HVQ_DDP_STRATEGY,
         "--trainer.devices=2",
         "--run_methods=true",
         *TINY_METHODS,
+        *TINY_HVQ,
     )
     logs = tmp_path / "torchrun-logs"
     # torchrun's own status is 0 only if every rank exited 0 (checked by run_cli); --tee also keeps each
@@ -305,8 +309,8 @@ def test_two_process_ddp_run_equals_the_single_process_run(
         launcher=[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--log-dir={logs}",
                   "--tee=3", "-m"],
     )
-    methods = method_metrics(tiny_run_with_methods)
-    assert {"intensity", "pixel_gaussian", "ae", "vae"} <= set(methods)
+    methods = method_metrics(tiny_run_with_hvq)
+    assert {"intensity", "pixel_gaussian", "ae", "vae", "patchcore", "hvq_trans"} <= set(methods)
     rank_logs = {int(p.name): p for p in logs.glob("*/attempt_0/*") if p.is_dir()}
     assert sorted(rank_logs) == [0, 1], sorted(logs.rglob("*"))
     for rank, folder in rank_logs.items():
