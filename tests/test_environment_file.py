@@ -2,10 +2,12 @@
 dependency of ``pyproject.toml``: torch and FAISS under their conda names, the rest as pip requirements."""
 
 import re
-import tomllib
 from pathlib import Path
 
+import pytest
 import yaml
+
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
 REPO = Path(__file__).resolve().parents[1]
 CONDA_NAMES = {"torch": "pytorch", "faiss-cpu": "faiss-gpu"}  # the GPU builds conda provides
