@@ -57,7 +57,6 @@ import shlex
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -65,6 +64,7 @@ from dataclasses import dataclass
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import torch
+from timing import interleaved_times, matmul_peak_gflops
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -409,36 +409,10 @@ def load_average() -> str:
         return "n/a"
 
 
-def matmul_peak_gflops(n: int, repeats: int = 5) -> float:
-    """Best-of-``repeats`` fp32 ``n x n`` matmul throughput in GFLOP/s."""
-    gen = torch.Generator().manual_seed(0)
-    a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
-
-
 def flops_per_image(runtime: Runtime, models: Models, images: Tensor, seeds: list[int], n: int) -> float:
     with FlopCounterMode(display=False) as counter:
         score(runtime, models, images, seeds, n)
     return counter.get_total_flops() / images.shape[0]
-
-
-def interleaved_seconds(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds of each function over ``repeats`` rounds of A, B, C, ... after one warm-up round."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 @dataclass
@@ -698,10 +672,12 @@ def run_size(models: Models, args: argparse.Namespace, peak: Callable[[], float]
                 n,
             ),
         }
-        seconds = interleaved_seconds(
+        times = interleaved_times(
             {r.name: (lambda r=r: score(r, models, images, seeds, n)) for r in runtimes if r.timed},
             args.repeats,
+            warmup=1,
         )
+        seconds = {name: statistics.median(t) for name, t in times.items()}
     peak_gflops = peak()
     ref, ref_threshold = results["plain"], by_name["plain"].threshold
     resampled = (ref.restored != ref.codes.unsqueeze(1)).float().mean().item()
@@ -788,12 +764,12 @@ def main(argv: list[str] | None = None) -> None:
         args.profile_top, args.peak_size = 0, 256
     torch.set_num_threads(args.threads)
 
-    first_peak = matmul_peak_gflops(args.peak_size)
+    first_peak = matmul_peak_gflops(torch.float32, args.peak_size)
 
     def peak() -> (
         float
     ):  # best of the start and now: load from other jobs lowers, never raises, a measurement
-        return max(first_peak, matmul_peak_gflops(args.peak_size))
+        return max(first_peak, matmul_peak_gflops(torch.float32, args.peak_size))
 
     print("## LSGS scoring on CPU: the plain path vs exact and approximate runtimes\n")
     print(

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import torch
 
-# Loaded from its file: benchmarks/ is a folder of scripts, not a package on the path.
-_SPEC = importlib.util.spec_from_file_location(
-    "benchmark_inference", Path(__file__).resolve().parents[1] / "benchmarks" / "inference.py"
-)
+# Loaded from its file: benchmarks/ is a folder of scripts, not a package; a script imports its siblings
+# (``timing``) as when it runs from there.
+_BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(_BENCHMARKS))
+_SPEC = importlib.util.spec_from_file_location("benchmark_inference", _BENCHMARKS / "inference.py")
 inference = importlib.util.module_from_spec(_SPEC)
 sys.modules[_SPEC.name] = inference  # dataclasses look their module up there
 _SPEC.loader.exec_module(inference)
