@@ -27,15 +27,14 @@ import shlex
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import torch
 from patchcore import load_average, load_images
+from timing import matmul_peak_gflops, timed
 from torch.utils.flop_counter import FlopCounterMode
-from vqvae_throughput import matmul_peak_gflops
 
 from lsgs.machine import cpu_name
 from lsgs.nn.backbone import FeatureExtractor
@@ -47,18 +46,6 @@ from lsgs.nn.patchcore import (
     nearest_neighbours_faiss,
     nearest_neighbours_torch,
 )
-
-
-def timed(function: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
-    """Seconds of each of ``repeats`` calls of ``function`` after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        function()
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        seconds.append(time.perf_counter() - start)
-    return seconds
 
 
 def backbone_rows(batch: int, size: int, repeats: int) -> list[str]:

@@ -1,27 +1,30 @@
-"""Faster LSGS scoring on CPU: today's path beside exact and approximate runtimes, measured in one run.
+"""Faster LSGS scoring on CPU: the plain decoder path beside exact and approximate runtimes, measured in one run.
 
 Every variant scores the same batch the way the scoring stage does (encode -> one transformer pass -> code NLL ->
 positions above the NLL threshold resampled n times with per-image seeded noise -> X_hat and the n restorations
-decoded -> ``restoration_anomaly_map`` -> smoothing) and is compared with today's path:
+decoded -> ``restoration_anomaly_map`` -> smoothing) and is compared with the plain path:
 
-* ``today``: what ``ScoringModule`` runs (torch fp32, channels_last VQ-VAE, ``decode_indices`` for X_hat and
-  then for the B * n restorations, under ``inference_mode`` as Lightning's test loop).
-* ``today, resampling seed s`` (not timed): today's path with other resampling noise, the yardstick for every
+* ``plain``: the reference, the VQ-VAE's own decoder (torch fp32, channels_last VQ-VAE, ``decode_indices`` for X_hat
+  and then for the B * n restorations, under ``inference_mode`` as Lightning's test loop).
+* ``plain, resampling seed s`` (not timed): the plain path with other resampling noise, the yardstick for every
   deviation below: any variant that changes a single draw moves the map about as much as a new seed does.
 * exact variants (results equal up to float rounding): ``exact`` = ``lsgs.nn.fast_decode`` (per-code table for the
   decoder's first convolution, in-place ReLUs, X_hat and restorations in one deduplicated decoder call) under
   ``inference_mode``; ``exact onnxruntime`` / ``exact openvino`` = the same with the transformer and the decoder
-  after its first layer run by ONNX Runtime / OpenVINO in fp32 (legacy ``torch.onnx.export``).
-* approximate variants: ``bf16 autocast`` (today's path; this CPU has no bf16 hardware), ``int8 torch`` (the
+  after its first layer run by ONNX Runtime / OpenVINO in fp32 (legacy ``torch.onnx.export``). ``ScoringModule``
+  decodes with the same table (``decode_with_table``) but in the plain path's two calls, X_hat then the
+  restorations (a cached X_hat serves every scoring setting), and is not timed here: its results are ``exact``'s
+  up to float rounding.
+* approximate variants: ``bf16 autocast`` (the plain path; this CPU has no bf16 hardware), ``int8 torch`` (the
   transformer's ``nn.Linear`` layers dynamically quantised by ``torch.ao.quantization.quantize_dynamic``),
   ``int8 onnxruntime`` (``onnxruntime.quantization.quantize_dynamic`` of the exported transformer), each with the
   exact torch decoder, and ``int8 ort + openvino decoder``. Each calibrates its own NLL threshold (90th
   percentile of its own NLLs on a calibration batch), as a deployment would.
 
 Columns: images/s (median of interleaved repeats: variant A, B, C, A, B, C, ... so machine noise hits all
-alike), speed-up vs today, model GFLOP per image (``FlopCounterMode`` on the torch path the variant computes;
+alike), speed-up vs plain, model GFLOP per image (``FlopCounterMode`` on the torch path the variant computes;
 int8 variants count their integer MACs alike), GFLOP/s and its share of the fp32 matmul peak measured in the
-same run (best of 2048^3 ``torch.mm`` before and after), and the deviation from today's fp32 results: codes
+same run (best of 2048^3 ``torch.mm`` before and after), and the deviation from the plain path's fp32 results: codes
 that differ, max |NLL| change, resampling decisions (NLL > threshold) that flip, drawn codes that differ, max
 and mean |map| change relative to the map's maximum and mean. With ``--image-folder`` (an MVTec-layout folder)
 the deviations run over its test images and pixel AUROC / AP (pooled over all pixels) are added per variant.
@@ -29,7 +32,7 @@ the deviations run over its test images and pixel AUROC / AP (pooled over all pi
 Also printed: the decoder's receptive field in code cells (from the architecture, and measured by perturbing one
 code), the share of the decoder's work that an ideal sparse decode (only outputs that depend on a resampled
 code) could skip for the resampling patterns of this run and for synthetic random / clustered ones, and the top
-ops of today's path from ``torch.profiler``.
+ops of the plain path from ``torch.profiler``.
 
 Weights are random (seeded) unless checkpoints are given; timings do not depend on them, deviations do (a random
 transformer's NLLs are all close to log K, which makes threshold decisions touchier than a trained one's).
@@ -54,7 +57,6 @@ import shlex
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,6 +64,7 @@ from dataclasses import dataclass
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import torch
+from timing import interleaved_times, matmul_peak_gflops
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -165,7 +168,7 @@ class Runtime:
     decode: Callable[[Tensor], Tensor]  # [N, h, w] -> [N, C, H, W]
     one_call: bool  # X_hat and the restorations in one deduplicated decoder call
     context: Callable[[], contextlib.AbstractContextManager] = torch.inference_mode
-    flops_of: str = "today"  # which torch path's FLOP count applies
+    flops_of: str = "plain"  # which torch path's FLOP count applies
     threshold: float = float("nan")
     note: str = ""
     seed: int = 0  # of the resampling noise, as ScoringModule's seed
@@ -228,18 +231,18 @@ def torch_runtimes(models: Models, yardstick_seeds: int = 1) -> list[Runtime]:
 
     return [
         # Lightning's test loop runs under inference_mode (Trainer(inference_mode=True), the default).
-        Runtime("today", True, tr, vq.decode_indices, one_call=False, context=torch.inference_mode),
+        Runtime("plain", True, tr, vq.decode_indices, one_call=False, context=torch.inference_mode),
         Runtime("exact", True, tr, table, one_call=True, context=torch.inference_mode, flops_of="exact"),
         *(
             Runtime(
-                f"today, resampling seed {seed}",
+                f"plain, resampling seed {seed}",
                 False,
                 tr,
                 vq.decode_indices,
                 one_call=False,
                 seed=seed,
                 timed=False,
-                note="today's path with other resampling noise: how far the maps move by sampling alone"
+                note="the plain path with other resampling noise: how far the maps move by sampling alone"
                 if seed == 1
                 else "",
             )
@@ -406,36 +409,10 @@ def load_average() -> str:
         return "n/a"
 
 
-def matmul_peak_gflops(n: int, repeats: int = 5) -> float:
-    """Best-of-``repeats`` fp32 ``n x n`` matmul throughput in GFLOP/s."""
-    gen = torch.Generator().manual_seed(0)
-    a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
-
-
 def flops_per_image(runtime: Runtime, models: Models, images: Tensor, seeds: list[int], n: int) -> float:
     with FlopCounterMode(display=False) as counter:
         score(runtime, models, images, seeds, n)
     return counter.get_total_flops() / images.shape[0]
-
-
-def interleaved_seconds(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds of each function over ``repeats`` rounds of A, B, C, ... after one warm-up round."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 @dataclass
@@ -478,10 +455,10 @@ def deviation(result: ScoreResult, ref: ScoreResult, threshold: float, ref_thres
     )
 
 
-def profile_today(
+def profile_plain(
     runtime: Runtime, models: Models, images: Tensor, seeds: list[int], n: int, top: int
 ) -> list[str]:
-    """Self CPU time of today's path by op (torch.profiler), with the input shape of the largest calls."""
+    """Self CPU time of the plain path by op (torch.profiler), with the input shape of the largest calls."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
@@ -665,7 +642,7 @@ def run_size(models: Models, args: argparse.Namespace, peak: Callable[[], float]
         if args.exports:
             extra, notes = export_runtimes(models, torch.get_num_threads(), folder)
             runtimes += extra
-        runtimes = [r for r in runtimes if not args.variants or r.name in args.variants or r.name == "today"]
+        runtimes = [r for r in runtimes if not args.variants or r.name in args.variants or r.name == "plain"]
         for runtime in runtimes:
             calibrate(runtime, models, calib)
         by_name = {r.name: r for r in runtimes}
@@ -678,7 +655,7 @@ def run_size(models: Models, args: argparse.Namespace, peak: Callable[[], float]
             results = {r.name: score(r, models, images, seeds, n) for r in runtimes}
             metrics = {}
         flops = {
-            "today": flops_per_image(by_name["today"], models, images, seeds, n),
+            "plain": flops_per_image(by_name["plain"], models, images, seeds, n),
             "exact": flops_per_image(
                 Runtime(
                     "exact",
@@ -687,7 +664,7 @@ def run_size(models: Models, args: argparse.Namespace, peak: Callable[[], float]
                     functools.partial(decode_with_table, models.vqvae, first_layer_table(models.vqvae)),
                     True,
                     torch.inference_mode,
-                    threshold=by_name["today"].threshold,
+                    threshold=by_name["plain"].threshold,
                 ),
                 models,
                 images,
@@ -695,19 +672,21 @@ def run_size(models: Models, args: argparse.Namespace, peak: Callable[[], float]
                 n,
             ),
         }
-        seconds = interleaved_seconds(
+        times = interleaved_times(
             {r.name: (lambda r=r: score(r, models, images, seeds, n)) for r in runtimes if r.timed},
             args.repeats,
+            warmup=1,
         )
+        seconds = {name: statistics.median(t) for name, t in times.items()}
     peak_gflops = peak()
-    ref, ref_threshold = results["today"], by_name["today"].threshold
+    ref, ref_threshold = results["plain"], by_name["plain"].threshold
     resampled = (ref.restored != ref.codes.unsqueeze(1)).float().mean().item()
     tr_cfg, vq_cfg = models.transformer.config, models.vqvae.config
     lines = [
         f"### {models.name}: VQ-VAE channels {list(vq_cfg.channels)}, K {vq_cfg.codebook_size}, D "
         f"{vq_cfg.code_dim}; transformer {tr_cfg.n_layers} x {tr_cfg.d_model} ({tr_cfg.n_heads} heads), "
         f"L {tr_cfg.seq_len}; {size} px, batch {b}, n = {n}\n",
-        f"NLL threshold (today) {ref_threshold:.4f}; codes resampled per restoration {100 * resampled:.1f}%; "
+        f"NLL threshold (plain) {ref_threshold:.4f}; codes resampled per restoration {100 * resampled:.1f}%; "
         f"fp32 matmul peak {peak_gflops:.0f} GFLOP/s; load average after: {load_average()}\n",
     ]
     if labelled is not None:
@@ -728,16 +707,16 @@ def run_size(models: Models, args: argparse.Namespace, peak: Callable[[], float]
         if runtime.timed:
             rate = b / seconds[runtime.name]
             speed = (
-                f"{rate:.2f} | {seconds['today'] / seconds[runtime.name]:.2f}x | {gflop:.3g} | "
+                f"{rate:.2f} | {seconds['plain'] / seconds[runtime.name]:.2f}x | {gflop:.3g} | "
                 f"{gflop * rate:.3g} | {100 * gflop * rate / peak_gflops:.0f}%"
             )
         else:
-            speed = "(as today) | | | |"
+            speed = "(as plain) | | | |"
         lines.append(
             f"| {runtime.name} | {'yes' if runtime.exact else 'no'} | {speed} | {' | '.join(dev.cells())} |"
             + "".join(
-                f" {value:.2f} ({value - today:+.2f}) |"
-                for value, today in zip(metrics.get(runtime.name, ()), metrics.get("today", ()))
+                f" {value:.2f} ({value - plain:+.2f}) |"
+                for value, plain in zip(metrics.get(runtime.name, ()), metrics.get("plain", ()))
             )
         )
     lines.append("")
@@ -746,8 +725,8 @@ def run_size(models: Models, args: argparse.Namespace, peak: Callable[[], float]
     lines += ["", "Receptive field of the decoder:", "", *receptive_field_lines(models), ""]
     lines += dirty_lines(models, ref)
     if args.profile_top:
-        lines += ["", f"Top ops of today's path (torch.profiler, one batch of {b}):", ""]
-        lines += profile_today(by_name["today"], models, images, seeds, n, args.profile_top)
+        lines += ["", f"Top ops of the plain path (torch.profiler, one batch of {b}):", ""]
+        lines += profile_plain(by_name["plain"], models, images, seeds, n, args.profile_top)
     return lines
 
 
@@ -767,7 +746,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--max-images", type=int, default=96, help="test images of --image-folder used")
     parser.add_argument(
-        "--yardstick-seeds", type=int, default=1, help="rows of today's path with resampling seeds 1..N"
+        "--yardstick-seeds", type=int, default=1, help="rows of the plain path with resampling seeds 1..N"
     )
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--restorations", type=int, default=15, help="n restorations per image")
@@ -776,8 +755,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--no-exports", dest="exports", action="store_false", help="skip onnxruntime / openvino"
     )
-    parser.add_argument("--variants", nargs="*", help="only these variants (today is always run)")
-    parser.add_argument("--profile-top", type=int, default=12, help="top ops of today's path (0: no profile)")
+    parser.add_argument("--variants", nargs="*", help="only these variants (plain is always run)")
+    parser.add_argument("--profile-top", type=int, default=12, help="top ops of the plain path (0: no profile)")
     parser.add_argument("--peak-size", type=int, default=2048, help="n of the n x n fp32 matmul peak")
     args = parser.parse_args(argv)
     if args.quick:
@@ -785,14 +764,14 @@ def main(argv: list[str] | None = None) -> None:
         args.profile_top, args.peak_size = 0, 256
     torch.set_num_threads(args.threads)
 
-    first_peak = matmul_peak_gflops(args.peak_size)
+    first_peak = matmul_peak_gflops(torch.float32, args.peak_size)
 
     def peak() -> (
         float
     ):  # best of the start and now: load from other jobs lowers, never raises, a measurement
-        return max(first_peak, matmul_peak_gflops(args.peak_size))
+        return max(first_peak, matmul_peak_gflops(torch.float32, args.peak_size))
 
-    print("## LSGS scoring on CPU: today's path vs exact and approximate runtimes\n")
+    print("## LSGS scoring on CPU: the plain path vs exact and approximate runtimes\n")
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_name()}; load average at start "
         f"{load_average()}; median of {args.repeats} interleaved rounds after one warm-up\n"

@@ -31,9 +31,9 @@ import shlex
 import statistics
 import sys
 import time
-from collections.abc import Callable
 
 import torch
+from timing import interleaved_times
 
 from lsgs.machine import cpu_name
 from lsgs.metrics.quantile import score_quantile
@@ -96,17 +96,6 @@ def reference_passes(vqvae: VQVAENet, transformer: CodeTransformer, images: torc
     vqvae.decode_indices(codes.repeat_interleave(n + 1, dim=0))
 
 
-def alternate(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
-    """Time each function ``repeats`` times, interleaved, so slow drifts of the machine hit all alike."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
 def build_vqvae(channels_last: bool) -> VQVAENet:
     torch.manual_seed(0)
     vqvae = VQVAENet(VQVAEConfig.paper()).eval()
@@ -146,7 +135,7 @@ def run_global(args: argparse.Namespace, images: torch.Tensor, calib: torch.Tens
         reference()
     for s in STAGES:
         stage_times[s].clear()
-    times = alternate({"full": full, "reference": reference}, args.repeats)
+    times = interleaved_times({"full": full, "reference": reference}, args.repeats)
     t_full, t_ref = statistics.median(times["full"]), statistics.median(times["reference"])
     B = images.shape[0]
     lines = [
@@ -202,7 +191,7 @@ def run_causal(args: argparse.Namespace, images: torch.Tensor, calib: torch.Tens
     restore()
     one_pass()
     resampled.clear()
-    times = alternate({"restore": restore, "pass": one_pass}, args.causal_repeats)
+    times = interleaved_times({"restore": restore, "pass": one_pass}, args.causal_repeats)
     t_restore, t_pass = statistics.median(times["restore"]), statistics.median(times["pass"])
     L = cfg.seq_len
     return [

@@ -16,12 +16,12 @@ import argparse
 import shlex
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from timing import matmul_peak_gflops, timed
 from torch.utils.flop_counter import FlopCounterMode
 
 from lsgs.machine import cpu_name
@@ -67,20 +67,6 @@ def load_average() -> str:
         return "n/a"
 
 
-def matmul_peak_gflops(dtype: torch.dtype, n: int = 4096, repeats: int = 5) -> float:
-    """Best-of-``repeats`` throughput of an ``n x n`` by ``n x n`` matmul, in GFLOP/s."""
-    gen = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=gen).to(dtype)
-    b = torch.randn(n, n, generator=gen).to(dtype)
-    torch.mm(a, b)  # warm-up (allocations, oneDNN/MKL kernel selection)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
-
-
 def make_step(
     net: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, bf16: bool, compiled: bool
 ) -> Callable[[], None]:
@@ -112,13 +98,8 @@ def measure(variant: Variant, config: VQVAEConfig, batch_size: int, size: int, w
     with FlopCounterMode(display=False) as counter:
         make_step(net, opt, x, variant.bf16, compiled=False)()
     step = make_step(net, opt, x, variant.bf16, compiled=variant.compile)
-    for _ in range(warmup):  # warm-up excluded: oneDNN primitive creation, allocator, compilation
-        step()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
+    # Warm-up excluded: oneDNN primitive creation, allocator, compilation.
+    times = timed(step, steps, warmup)
     return Measurement(variant, times, counter.get_total_flops(), batch_size)
 
 

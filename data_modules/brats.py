@@ -21,7 +21,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import nibabel as nib
 import numpy as np
@@ -312,7 +312,7 @@ class BraTSDataModule(AnomalyDataModule):
         seg_pattern: glob of the segmentation file in a case directory.
         case_dirs: directories under root holding the cases; [] or ["."] = cases directly under root.
         normalization: "percentile" (output in [0, 1]) or "zscore" (output NOT in [0, 1]).
-        image_size: see `AnomalyDataModule`; the other arguments are documented there too.
+        **kwargs: the arguments every data module takes (`image_size`, `batch_size`, ...): see `AnomalyDataModule`.
     """
 
     def __init__(
@@ -325,28 +325,9 @@ class BraTSDataModule(AnomalyDataModule):
         seg_pattern: str = "*_seg.nii.gz",
         case_dirs: Sequence[str] = ("HGG", "LGG"),
         normalization: Literal["percentile", "zscore"] = "percentile",
-        image_size: int = 128,
-        batch_size: int = 16,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        val_fraction: float = 0.1,
-        seed: int = 0,
-        train_transforms: list[dict] | None = None,
-        cache_dir: str | None = None,
-        model_input_size: int | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            root=root,
-            image_size=image_size,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            val_fraction=val_fraction,
-            seed=seed,
-            train_transforms=train_transforms,
-            cache_dir=cache_dir,
-            model_input_size=model_input_size,
-        )
+        super().__init__(root=root, **kwargs)
         check_fraction("test_fraction", test_fraction)
         if not isinstance(min_brain_fraction, (int, float)) or not 0.0 <= min_brain_fraction <= 1.0:
             raise ConfigError(f"min_brain_fraction must be in [0, 1], got {min_brain_fraction!r}")

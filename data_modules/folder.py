@@ -169,7 +169,7 @@ class FolderDataModule(AnomalyDataModule):
         mask_threshold: None = masks must be binary; an int t in [0, 254] = foreground is grey value > t.
         allow_missing_masks: anomalous images without a mask count for image metrics only.
         channels: 3 = RGB (grayscale replicated), 1 = grayscale.
-        image_size: see `AnomalyDataModule`; the other arguments are documented there too.
+        **kwargs: the arguments every data module takes (`image_size`, `batch_size`, ...): see `AnomalyDataModule`.
     """
 
     def __init__(
@@ -186,28 +186,9 @@ class FolderDataModule(AnomalyDataModule):
         mask_threshold: int | None = None,
         allow_missing_masks: bool = False,
         channels: int = 3,
-        image_size: int = 128,
-        batch_size: int = 16,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        val_fraction: float = 0.1,
-        seed: int = 0,
-        train_transforms: list[dict] | None = None,
-        cache_dir: str | None = None,
-        model_input_size: int | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            root=root,
-            image_size=image_size,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            val_fraction=val_fraction,
-            seed=seed,
-            train_transforms=train_transforms,
-            cache_dir=cache_dir,
-            model_input_size=model_input_size,
-        )
+        super().__init__(root=root, **kwargs)
         if channels not in (1, 3):
             raise ConfigError(f"channels must be 1 or 3, got {channels!r}")
         # Lightning merges the data and model hparams for the loggers and rejects a key with two values: the

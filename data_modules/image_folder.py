@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from torch.utils.data import DataLoader
@@ -35,7 +36,8 @@ class ImageFolderDataModule(AnomalyDataModule):
         root: folder of images (hidden files and non-images are ignored).
         channels: 3 = RGB (for MVTec-trained models; grayscale replicated), 1 = grayscale (BraTS-trained).
         recursive: also take images in sub-folders.
-        image_size: see `AnomalyDataModule`; the other arguments are documented there too.
+        val_fraction: see `AnomalyDataModule` (0 here: there is no training data to hold back).
+        **kwargs: the arguments every data module takes (`image_size`, `batch_size`, ...): see `AnomalyDataModule`.
     """
 
     def __init__(
@@ -43,28 +45,10 @@ class ImageFolderDataModule(AnomalyDataModule):
         root: str,
         channels: int = 3,
         recursive: bool = False,
-        image_size: int = 128,
-        batch_size: int = 16,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
         val_fraction: float = 0.0,
-        seed: int = 0,
-        train_transforms: list[dict] | None = None,
-        cache_dir: str | None = None,
-        model_input_size: int | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            root=root,
-            image_size=image_size,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            val_fraction=val_fraction,
-            seed=seed,
-            train_transforms=train_transforms,
-            cache_dir=cache_dir,
-            model_input_size=model_input_size,
-        )
+        super().__init__(root=root, val_fraction=val_fraction, **kwargs)
         if channels not in (1, 3):
             raise ConfigError(f"channels must be 1 or 3, got {channels!r}")
         self.channels = channels

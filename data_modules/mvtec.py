@@ -11,6 +11,7 @@ import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -180,35 +181,16 @@ class MVTecDataModule(AnomalyDataModule):
     Args:
         root: MVTec AD root (the directory holding the category folders).
         category: a category name, a list of names, or "all" (every directory under root with train/good).
-        image_size: see `AnomalyDataModule`; the other arguments are documented there too.
+        **kwargs: the arguments every data module takes (`image_size`, `batch_size`, ...): see `AnomalyDataModule`.
     """
 
     def __init__(
         self,
         root: str,
         category: str | list[str] = "all",
-        image_size: int = 128,
-        batch_size: int = 16,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        val_fraction: float = 0.1,
-        seed: int = 0,
-        train_transforms: list[dict] | None = None,
-        cache_dir: str | None = None,
-        model_input_size: int | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            root=root,
-            image_size=image_size,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            val_fraction=val_fraction,
-            seed=seed,
-            train_transforms=train_transforms,
-            cache_dir=cache_dir,
-            model_input_size=model_input_size,
-        )
+        super().__init__(root=root, **kwargs)
         self.category = category
         self._categories: list[str] | None = None
 

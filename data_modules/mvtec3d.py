@@ -14,6 +14,7 @@ this module reuses.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -138,35 +139,18 @@ class MVTec3DDataModule(MVTecDataModule):
     Args:
         root: MVTec 3D-AD root (the directory holding the category folders, e.g. `tire`).
         category: a category name, a list of names, or "all" (every directory under root with train/good/rgb).
-        image_size: see `AnomalyDataModule`; the other arguments are documented there too.
+        **kwargs: the arguments every data module takes (`image_size`, `batch_size`, ...) but `val_fraction`:
+            see `AnomalyDataModule`.
     """
 
     def __init__(
         self,
         root: str,
         category: str | list[str] = "all",
-        image_size: int = 128,
-        batch_size: int = 16,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        seed: int = 0,
-        train_transforms: list[dict] | None = None,
-        cache_dir: str | None = None,
-        model_input_size: int | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            root=root,
-            category=category,
-            image_size=image_size,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            val_fraction=0.0,  # the official validation split is used instead
-            seed=seed,
-            train_transforms=train_transforms,
-            cache_dir=cache_dir,
-            model_input_size=model_input_size,
-        )
+        # No `val_fraction`: the official validation split is used instead.
+        super().__init__(root=root, category=category, val_fraction=0.0, **kwargs)
 
     @property
     def test_categories(self) -> list[str]:

@@ -272,3 +272,24 @@ def test_signatures_parse_with_lightning_cli_parser() -> None:
         parser.parse_args(
             ["--mvtec.root=a", "--brats.root=b", "--folder.root=c", "--brats.normalization=minmax"]
         )
+
+
+def test_data_arguments_through_kwargs_are_parsed_and_listed() -> None:
+    """The subclasses take the shared arguments through `**kwargs`: jsonargparse follows them to
+    `AnomalyDataModule`, leaves out the ones a subclass sets itself (MVTec 3D-AD's `val_fraction`), and the
+    one-line error for an unknown argument lists them."""
+    from lsgs.errors import ConfigError
+    from lsgs.stage_cli import validate_stage_config
+
+    def data(cls: str, **init_args: object) -> dict:
+        return {
+            "model": {"class_path": "lightning.pytorch.demos.boring_classes.BoringModel"},
+            "data": {"class_path": f"data_modules.{cls}", "init_args": {"root": "r", **init_args}},
+        }
+
+    validate_stage_config("fit", data("MVTec3DDataModule", batch_size=3, model_input_size=224))
+    validate_stage_config("fit", data("FolderDataModule", seed=2, val_fraction=0.3, mask_suffix="_mask"))
+    with pytest.raises(ConfigError, match=r"no argument 'val_fraction'; valid: root, category, image_size, batch"):
+        validate_stage_config("fit", data("MVTec3DDataModule", val_fraction=0.2))
+    with pytest.raises(ConfigError, match=r"no argument 'bach_size'; valid: root, test_fraction, .*, batch_size"):
+        validate_stage_config("fit", data("BraTSDataModule", bach_size=2))

@@ -1,15 +1,10 @@
 """Two CPU processes (gloo): every metric synced over ranks equals the single-process value exactly."""
 
-from datetime import timedelta
-from pathlib import Path
-
 import numpy as np
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from test_metrics_collection import CATEGORIES, NB, make_test_set
+from two_ranks import on_two_ranks
 
-from lsgs.distributed import process_group_teardown
 from lsgs.metrics import AUPRO, AnomalyMetrics, ImageAUROC, PixelMetrics, ScoreQuantile
 
 SPLIT = 8  # rank 0 gets images [0, 8), rank 1 gets [8, 15): an odd-sized split
@@ -50,28 +45,15 @@ def run_all(maps, masks, labels, categories, valid, threshold) -> dict:
     }
 
 
-def worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=world_size,
-        timeout=timedelta(seconds=120),
-    )
-    with process_group_teardown():  # barrier + destroy_process_group (no barrier if this rank fails)
-        maps, masks, labels, categories, valid, threshold = dataset()
-        part = slice(0, SPLIT) if rank == 0 else slice(SPLIT, None)
-        results = run_all(maps[part], masks[part], labels[part], categories[part], valid[part], threshold)
-        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+def run_part(part: slice) -> dict:
+    maps, masks, labels, categories, valid, threshold = dataset()
+    return run_all(maps[part], masks[part], labels[part], categories[part], valid[part], threshold)
 
 
 def test_two_process_sync_equals_single_process(tmp_path):
-    mp.spawn(worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = on_two_ranks(run_part, SPLIT, tmp_path)
     single = run_all(*dataset())
-    assert not dist.is_initialized()
-    for rank in (0, 1):
-        synced = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+    for synced in ranks:
         assert torch.equal(synced.pop("histogram"), single["histogram"])
         np.testing.assert_equal(
             synced, {k: v for k, v in single.items() if k != "histogram"}

@@ -6,14 +6,13 @@ agreement between the ranks is checked."""
 from __future__ import annotations
 
 import copy
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
+from two_ranks import on_two_ranks
 
 from lsgs.nn.quantizer import VectorQuantizer
 
@@ -74,26 +73,9 @@ def run(part: slice) -> dict[str, dict[str, Any]]:
     return results
 
 
-def worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
-        timeout=timedelta(seconds=120),
-    )
-    try:
-        part = slice(0, SPLIT) if rank == 0 else slice(SPLIT, None)
-        torch.save(run(part), Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, dict[str, Any]]]:
-    out = tmp_path_factory.mktemp("quantizer-ddp")
-    mp.spawn(worker, args=(2, str(out / "init"), str(out)), nprocs=2, join=True)
-    assert not dist.is_initialized()
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    return on_two_ranks(run, SPLIT, tmp_path_factory.mktemp("quantizer-ddp"))
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ as ``<stage>/config.yaml``. Both go through :class:`StageCLI`, so a saved config
 
 from __future__ import annotations
 
-import inspect
 import re
 import warnings
 from typing import Any
@@ -68,8 +67,10 @@ def condense_parser_error(text: str) -> str:
     where = key.group(1) if key else "config"
     if unknown and owner:
         try:
-            cls = import_class(owner.group(1))
-            names = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "args", "kwargs")]
+            # jsonargparse's own reading of the signature, so arguments passed on through `**kwargs` are listed.
+            parser = LightningArgumentParser(exit_on_error=False)
+            parser.add_class_arguments(import_class(owner.group(1)))
+            names = dict.fromkeys(key.split(".")[0] for key in parser.get_defaults().keys())  # noqa: SIM118 (a Namespace)
             valid = f"; valid: {', '.join(names)}"
         except Exception:  # the class itself may be the problem; the message is still useful without the list
             valid = ""

@@ -408,17 +408,7 @@ class AnomalyMapModule(LightningModule, abc.ABC):
         values = self.metrics.compute()
         rows, panels = gather_lists(self, self._image_rows), gather_lists(self, self._panels)
         curves = pooled_pixel_curves(self.metrics)
-        self.results = {
-            "method": self.method_name,
-            "kind": self.kind,
-            "image_score": self.image_score_name(),
-            "method_info": self.method_info(),
-            "calibration": self.calibration,
-            "metric_region": self.metric_region,
-            "has_test_set": True,
-            "num_test_images": len(rows),
-            **values,
-        }
+        self.results = {**self._results_head(has_test_set=True, num_test_images=len(rows)), **values}
         for name, value in values["mean"].items():
             self.log(f"test/{name}", float(value), sync_dist=False, rank_zero_only=True)
         if self.trainer.is_global_zero and self.output_dir is not None:
@@ -432,6 +422,19 @@ class AnomalyMapModule(LightningModule, abc.ABC):
                 self.loggers,
                 learned_state=self.learned_state(),
             )
+
+    def _results_head(self, has_test_set: bool, num_test_images: int) -> dict[str, Any]:
+        """The first keys of ``results.json``, with or without a labelled test set: the method and how it scored."""
+        return {
+            "method": self.method_name,
+            "kind": self.kind,
+            "image_score": self.image_score_name(),
+            "method_info": self.method_info(),
+            "calibration": self.calibration,
+            "metric_region": self.metric_region,
+            "has_test_set": has_test_set,
+            "num_test_images": num_test_images,
+        }
 
     # ------------------------------------------------------------------------------------------- no test set
     def calibrate_without_test_set(self, trainer: Trainer, datamodule: Any) -> None:
@@ -460,14 +463,7 @@ class AnomalyMapModule(LightningModule, abc.ABC):
         rows = sorted(gather_lists(self, self._image_rows), key=lambda r: r["index"])
         threshold = float(self.calibration["image_threshold"])
         self.results = {
-            "method": self.method_name,
-            "kind": self.kind,
-            "image_score": self.image_score_name(),
-            "method_info": self.method_info(),
-            "calibration": self.calibration,
-            "metric_region": self.metric_region,
-            "has_test_set": False,
-            "num_test_images": 0,
+            **self._results_head(has_test_set=False, num_test_images=0),
             # image_scores.csv lists the validation normals: how many of them the image threshold flags.
             "validation": {"num_images": len(rows), "num_flagged": sum(r["score"] > threshold for r in rows)},
             "pooled": {},
