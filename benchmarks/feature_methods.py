@@ -32,8 +32,8 @@ from pathlib import Path
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import torch
-from patchcore import load_average, load_images
-from timing import matmul_peak_gflops, timed
+from patchcore import load_images
+from timing import load_average, matmul_peak_gflops, timed
 from torch.utils.flop_counter import FlopCounterMode
 
 from lsgs.machine import cpu_name

@@ -64,7 +64,7 @@ from dataclasses import dataclass
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import torch
-from timing import interleaved_times, matmul_peak_gflops
+from timing import interleaved_times, load_average, matmul_peak_gflops
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -401,14 +401,6 @@ def export_runtimes(models: Models, threads: int, folder: str) -> tuple[list[Run
 
 
 # ------------------------------------------------------------------------------------------------ measures
-def load_average() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return "n/a"
-
-
 def flops_per_image(runtime: Runtime, models: Models, images: Tensor, seeds: list[int], n: int) -> float:
     with FlopCounterMode(display=False) as counter:
         score(runtime, models, images, seeds, n)

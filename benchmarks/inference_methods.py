@@ -20,6 +20,7 @@ import argparse
 import importlib.util
 import os
 import shlex
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -28,9 +29,8 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import numpy as np
 import torch
-from inference import interleaved_seconds
 from patchcore import IMAGE_SUFFIXES
-from vqvae_throughput import load_average, matmul_peak_gflops
+from timing import interleaved_times, load_average, matmul_peak_gflops
 
 from lsgs.inference import Inferencer, export_method
 from lsgs.inference.inputs import load_batch
@@ -71,7 +71,7 @@ def method_rows(run_dir: Path, method: str, pictures: list, args: argparse.Names
         with torch.inference_mode():
             rounds = {name: lambda inf=inf: score_all(inf, images, category, args.batch_size)
                       for name, inf in inferencers.items()}  # fmt: skip
-            seconds = interleaved_seconds(rounds, args.repeats)
+            seconds = {name: statistics.median(t) for name, t in interleaved_times(rounds, args.repeats, 1).items()}
     scale = float(maps["eager"].max() - maps["eager"].min()) or 1.0
     rows = []
     for name in inferencers:

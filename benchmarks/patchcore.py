@@ -25,17 +25,13 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import numpy as np
 import torch
 from PIL import Image
+from timing import load_average
 
 from lsgs.machine import cpu_name
 from lsgs.nn.backbone import FeatureExtractor
 from lsgs.nn.patchcore import PatchCoreNet, greedy_coreset
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
-
-
-def load_average() -> str:
-    """1-minute load average: other jobs on a shared machine distort every figure here."""
-    return f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "n/a"
 
 
 def load_images(folder: Path, size: int) -> torch.Tensor:

@@ -3,6 +3,7 @@ as ``python benchmarks/<script>.py``)."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 
@@ -41,3 +42,8 @@ def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int, warmup
 def timed(function: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
     """Seconds of each of ``repeats`` calls of ``function`` after ``warmup`` untimed ones."""
     return interleaved_times({"": function}, repeats, warmup)[""]
+
+
+def load_average() -> str:
+    """The 1, 5 and 15-minute load averages: other jobs on a shared machine distort every figure measured."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from timing import matmul_peak_gflops, timed
+from timing import load_average, matmul_peak_gflops, timed
 from torch.utils.flop_counter import FlopCounterMode
 
 from lsgs.machine import cpu_name
@@ -56,15 +56,6 @@ class Measurement:
 
     def gflops_per_second(self, seconds: float) -> float:
         return self.flops_per_step / seconds / 1e9
-
-
-def load_average() -> str:
-    """1-minute load average: other jobs on a shared machine distort every figure here."""
-    try:
-        with open("/proc/loadavg") as f:
-            return f.read().split()[0]
-    except OSError:
-        return "n/a"
 
 
 def make_step(
