@@ -39,6 +39,36 @@ def test_config_parses_and_plans(config: Path, tmp_path: Path) -> None:
             assert init_args.get(name, defaults[name]) == scoring.get(name, defaults[name]), (plan.spec.name, name)
 
 
+# A value other than the default for every harness argument (the signature's, read by the test, not the planner's
+# list), imposed on the scoring stage; a method entry that says otherwise must still get the scoring stage's.
+NON_DEFAULT_HARNESS = {
+    "smoothing": False, "smoothing_count_include_pad": False, "val_quantile": 0.95, "image_quantile": 0.9,
+    "metric_region": "roi", "metric_bits": 16, "compute_aupro": False, "heatmaps_per_category": 1,
+    "heatmap_seed": 7, "image_score": "topk_mean", "image_topk": 0.05,
+}  # fmt: skip
+
+
+def test_every_harness_argument_reaches_every_method(tmp_path: Path) -> None:
+    import inspect
+
+    from lsgs.evaluation import AnomalyMapModule
+
+    signature = set(inspect.signature(AnomalyMapModule.__init__).parameters) - {"self", "output_dir", "calibration"}
+    assert signature == set(NON_DEFAULT_HARNESS)  # a new harness argument needs a value here
+    overrides = [f"--scoring.model.init_args.{k}={str(v).lower() if isinstance(v, bool) else v}"
+                 for k, v in NON_DEFAULT_HARNESS.items()]  # fmt: skip
+    overrides += ["--methods.ae.model.init_args.val_quantile=0.5", "--methods.ae.model.init_args.metric_bits=12"]
+    config = REPO / "experiments" / "demo_mvtec.yaml"
+    _, namespace = parse_experiment(["--config", str(config), "--run_dir", str(tmp_path / "run"), *overrides])
+    experiment = plan_experiment(namespace)
+    methods = experiment.method_plans()
+    expected = {f"methods.{m}" for m in ("ae", "vae", "intensity", "pixel_gaussian", "patchcore")}
+    assert {p.spec.name for p in methods} >= expected
+    for plan in methods:
+        init_args = plan.config["model"]["init_args"]
+        assert {k: init_args.get(k) for k in NON_DEFAULT_HARNESS} == NON_DEFAULT_HARNESS, plan.spec.name
+
+
 def _init_args(experiment, stage: str) -> dict:
     return experiment.plans[stage].config["model"]["init_args"]
 
