@@ -92,11 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=RUNTIMES)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds (median)")
-    parser.add_argument("--threads", type=int, default=2, help="torch, onnxruntime and OpenVINO threads")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (onnxruntime and OpenVINO: their own)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))  # onnxruntime's and OpenVINO's pools
-
     available = [m.name for m in evaluated_methods(args.run_dir) if m.kind != "ablation"]
     methods = args.methods or available
     unknown = sorted(set(methods) - set(available))
@@ -111,6 +108,7 @@ def main(argv: list[str] | None = None) -> None:
         if not pictures:
             sys.exit(f"--images {args.images}: no image files")
         source = f"{len(pictures)} images of {args.images}"
+    torch.set_num_threads(args.threads)
 
     peak = matmul_peak_gflops(torch.float32, 2048)
     print("## Inference per method and runtime (lsgs.Inferencer)\n")

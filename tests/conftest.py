@@ -8,6 +8,7 @@ os.environ["WANDB_MODE"] = "offline"
 os.environ.setdefault("WANDB_DIR", tempfile.mkdtemp(prefix="lsgs-wandb-"))
 os.environ.setdefault("WANDB_SILENT", "true")
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,14 @@ def pytest_configure(config: pytest.Config) -> None:
     import torch
 
     torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """Every test starts with the session's one torch thread (pytest_configure), whatever a test before it set
+    (benchmark entry points set their own thread count): the in-process pipeline tests compare their stages'
+    recorded thread count and numbers with subprocesses that inherit OMP_NUM_THREADS=1."""
+    import torch
+
+    torch.set_num_threads(1)
+    yield

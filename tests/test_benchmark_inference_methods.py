@@ -45,5 +45,7 @@ def test_rows_per_method_and_runtime_agree_with_eager(tiny_run_with_hvq: Path, c
 
 def test_an_unknown_method_stops_with_one_line(tiny_run_with_methods: Path) -> None:
     benchmark = load_benchmark()
+    threads = torch.get_num_threads()
     with pytest.raises(SystemExit, match=r"--methods \['padim'\]: not evaluated in"):
         benchmark.main(["--run_dir", str(tiny_run_with_methods), "--methods", "padim"])
+    assert torch.get_num_threads() == threads  # refused before it sets anything
