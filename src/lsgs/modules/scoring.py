@@ -37,7 +37,6 @@ from lsgs.nn.export import (
     VQVAEEncoderGraph,
     VQVAEReconstructionMapGraph,
 )
-from lsgs.nn.fast_decode import decode_with_table, first_layer_table
 from lsgs.nn.restoration import (
     MAP_REFERENCES,
     code_nll,
@@ -268,15 +267,6 @@ class ScoringModule(AnomalyMapModule):
         return torch.tensor([float(table[c]) for c in batch["category"]], device=self.device)
 
     # ------------------------------------------------------------------------------------------- maps
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """``[B, h, w]`` codes -> ``[B, C, H, W]`` images: the VQ-VAE's decoder with its first layer read from a
-        per-code table (``lsgs.nn.fast_decode``; equal to ``decode_indices`` up to float rounding, less work). The
-        table is derived from the frozen weights once per device, never saved."""
-        table = getattr(self, "_decoder_table", None)
-        if table is None or table.device != codes.device:
-            table = self._decoder_table = first_layer_table(self.vqvae.net)
-        return decode_with_table(self.vqvae.net, table, codes)
-
     def encode_batch(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """What no scoring option changes: codes ``[B, L]``, transformer logits ``[B, L, K]`` (None without a
         transformer) and ``X_hat`` ``[B, C, H, W]``; memoised in ``self.cache`` when one is attached."""
@@ -285,7 +275,7 @@ class ScoringModule(AnomalyMapModule):
             codes = self.vqvae.net.encode_indices(batch["image"])  # [B, h, w]
             flat = codes.flatten(1)  # [B, L]
             logits = self.transformer(flat) if self.transformer is not None else None  # [B, L, K]
-            return flat, logits, self.decode(codes)
+            return flat, logits, self.vqvae.net.decode_indices(codes)
 
         if self.cache is None:
             return compute()
@@ -314,7 +304,7 @@ class ScoringModule(AnomalyMapModule):
                 )
             height, width = self.vqvae.code_grid
             # All n restorations of the batch through the decoder in one call: [B * n, C, H, W].
-            decoded = self.decode(restored.reshape(batch_size * n, height, width))
+            decoded = self.vqvae.net.decode_indices(restored.reshape(batch_size * n, height, width))
             return decoded.reshape(batch_size, n, *decoded.shape[1:])
 
         if self.cache is None:

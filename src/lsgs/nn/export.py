@@ -24,7 +24,6 @@ from typing import Any
 from torch import Tensor, nn
 
 from lsgs.nn.autoencoder import ConvAutoencoder
-from lsgs.nn.fast_decode import decode_with_table, first_layer_table
 from lsgs.nn.restoration import reconstruction_error_map
 from lsgs.nn.vqvae import VQVAENet
 
@@ -96,17 +95,15 @@ class VQVAEEncoderGraph(nn.Module):
 
 
 class VQVAEDecoderGraph(nn.Module):
-    """``codes`` ``[B, L]`` -> ``decoded`` ``[B, C, H, W]``: the VQ-VAE's decoder on a code map of ``grid``, its
-    first layer read from the per-code table (``lsgs.nn.fast_decode``), as the scoring stage decodes."""
+    """``codes`` ``[B, L]`` -> ``decoded`` ``[B, C, H, W]`` (the VQ-VAE's decoder on a code map of ``grid``)."""
 
     def __init__(self, net: VQVAENet, grid: tuple[int, int]) -> None:
         super().__init__()
         self.net = net
         self.grid = tuple(grid)
-        self.register_buffer("table", first_layer_table(net))
 
     def forward(self, codes: Tensor) -> Tensor:
-        return decode_with_table(self.net, self.table, codes.reshape(-1, *self.grid))  # [B, L] -> [B, h, w]
+        return self.net.decode_indices(codes.reshape(-1, *self.grid))  # [B, L] -> [B, h, w]
 
 
 class VQVAEReconstructionMapGraph(nn.Module):
