@@ -83,6 +83,8 @@ benchmark: $(STAMP)
 	$(PY) benchmarks/vqvae_throughput.py
 	$(PY) benchmarks/kmeans.py
 	$(PY) benchmarks/scoring_throughput.py
+	$(PY) benchmarks/feature_methods.py
+	$(PY) benchmarks/inference.py
 
 clean:
 	rm -rf runs .pytest_cache

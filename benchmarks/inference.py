@@ -4,18 +4,16 @@ Every variant scores the same batch the way the scoring stage does (encode -> on
 positions above the NLL threshold resampled n times with per-image seeded noise -> X_hat and the n restorations
 decoded -> ``restoration_anomaly_map`` -> smoothing) and is compared with the plain path:
 
-* ``plain``: the reference, the VQ-VAE's own decoder (torch fp32, channels_last VQ-VAE, ``decode_indices`` for X_hat
-  and then for the B * n restorations, under ``inference_mode`` as Lightning's test loop).
+* ``plain``: the reference and what ``ScoringModule`` runs: the VQ-VAE's own decoder (torch fp32, channels_last
+  VQ-VAE, ``decode_indices`` for X_hat and then for the B * n restorations, under ``inference_mode`` as Lightning's
+  test loop).
 * ``plain, resampling seed s`` (not timed): the plain path with other resampling noise, the yardstick for every
   deviation below: any variant that changes a single draw moves the map about as much as a new seed does.
 * exact variants (results equal up to float rounding): ``exact`` = ``lsgs.nn.fast_decode`` (per-code table for the
   decoder's first convolution, in-place ReLUs, X_hat and restorations in one deduplicated decoder call) under
   ``inference_mode``; ``exact onnxruntime`` / ``exact openvino`` = the same with the transformer and the decoder
-  after its first layer run by ONNX Runtime / OpenVINO in fp32 (legacy ``torch.onnx.export``). ``ScoringModule``
-  decodes with the same table (``decode_with_table``) but in the plain path's two calls, X_hat then the
-  restorations (a cached X_hat serves every scoring setting), and is not timed here: its results are ``exact``'s
-  up to float rounding.
-* approximate variants: ``bf16 autocast`` (the plain path; this CPU has no bf16 hardware), ``int8 torch`` (the
+  after its first layer run by ONNX Runtime / OpenVINO in fp32 (legacy ``torch.onnx.export``).
+* approximate variants: ``bf16 autocast`` (the plain path; slow where the CPU has no bf16 units), ``int8 torch`` (the
   transformer's ``nn.Linear`` layers dynamically quantised by ``torch.ao.quantization.quantize_dynamic``),
   ``int8 onnxruntime`` (``onnxruntime.quantization.quantize_dynamic`` of the exported transformer), each with the
   exact torch decoder, and ``int8 ort + openvino decoder``. Each calibrates its own NLL threshold (90th
