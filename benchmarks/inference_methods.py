@@ -32,6 +32,7 @@ import torch
 from patchcore import IMAGE_SUFFIXES
 from timing import interleaved_times, load_average, matmul_peak_gflops
 
+from lsgs.errors import ConfigError
 from lsgs.inference import Inferencer, export_method
 from lsgs.inference.inputs import load_batch
 from lsgs.machine import cpu_name
@@ -118,7 +119,11 @@ def main(argv: list[str] | None = None) -> None:
     print("| method | runtime | input px | images/s | vs eager | max map diff / range |")
     print("|---|---|---:|---:|---:|---:|")
     for method in methods:
-        for row in method_rows(args.run_dir, method, pictures, args):
+        try:
+            rows = method_rows(args.run_dir, method, pictures, args)
+        except ConfigError as error:  # e.g. a stage scored before image_score_std was recorded
+            rows = [f"| {method} | skipped: {error} | | | | |"]
+        for row in rows:
             print(row, flush=True)
     print(f"\nload average at the end {load_average()}; command: `python benchmarks/inference_methods.py "
           f"{shlex.join(argv if argv is not None else sys.argv[1:])}`")  # fmt: skip
