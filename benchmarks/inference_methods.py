@@ -29,9 +29,9 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import numpy as np
 import torch
-from patchcore import IMAGE_SUFFIXES
 from timing import interleaved_times, load_average, matmul_peak_gflops
 
+from data_modules.image_io import IMAGE_SUFFIXES
 from lsgs.errors import ConfigError
 from lsgs.inference import Inferencer, export_method
 from lsgs.inference.inputs import load_batch
