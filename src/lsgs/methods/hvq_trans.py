@@ -8,6 +8,7 @@ each with its source); this module trains it on the frozen backbone's features o
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import fields
 from typing import Any
 
 import numpy as np
@@ -100,26 +101,15 @@ class HVQTransMethod(FeatureMethod):
 
     def _net_config(self, num_classes: int) -> HVQTransConfig:
         hp = self.hparams
-        stride = max(self.backbone.strides)
+        # Every network setting the method takes is the config field of the same name (sequences as tuples).
+        shared = {f.name: hp[f.name] for f in fields(HVQTransConfig) if f.name in hp}
+        shared = {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in shared.items()}
         return HVQTransConfig(
+            **shared,
             feature_channels=(sum(self.backbone.channels),),  # the aligned maps, concatenated (the neck's output)
             image_size=(self.input_size, self.input_size),
-            token_stride=stride,
+            token_stride=max(self.backbone.strides),
             num_classes=num_classes,
-            hidden_dim=hp.hidden_dim,
-            nhead=hp.nhead,
-            num_encoder_layers=hp.num_encoder_layers,
-            num_decoder_layers=hp.num_decoder_layers,
-            dim_feedforward=hp.dim_feedforward,
-            dropout=hp.dropout,
-            codebook_size=hp.codebook_size,
-            ema_decay=hp.ema_decay,
-            commitment_weight=hp.commitment_weight,
-            ot_weight=hp.ot_weight,
-            feature_jitter_scale=hp.feature_jitter_scale,
-            feature_jitter_prob=hp.feature_jitter_prob,
-            neighbor_size=tuple(hp.neighbor_size),
-            neighbor_mask=tuple(hp.neighbor_mask),
         )
 
     def _build(self, categories: list[str]) -> None:
