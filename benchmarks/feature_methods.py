@@ -31,13 +31,12 @@ from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-import numpy as np
 import torch
-from PIL import Image
 from timing import load_average, matmul_peak_gflops, timed
 from torch.utils.flop_counter import FlopCounterMode
 
 from data_modules.image_io import IMAGE_SUFFIXES
+from lsgs.inference.inputs import load_batch
 from lsgs.machine import cpu_name
 from lsgs.nn.backbone import FeatureExtractor
 from lsgs.nn.hvq_trans import HVQTransConfig, HVQTransNet
@@ -66,12 +65,12 @@ def backbone_rows(batch: int, size: int, repeats: int) -> list[str]:
 
 
 def load_images(folder: Path, size: int) -> torch.Tensor:
-    """``[n, 3, size, size]`` in [0, 1]: every image of ``folder``, sorted by name, resized (bilinear)."""
+    """``[n, 3, size, size]`` in [0, 1]: every image of ``folder``, sorted by name, prepared as the inferencer
+    prepares files (``lsgs.inference.inputs.load_batch``: RGB, bilinear resize from the original)."""
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         sys.exit(f"--images {folder}: no image files")
-    arrays = [np.asarray(Image.open(p).convert("RGB").resize((size, size), Image.BILINEAR)) for p in paths]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div(255)
+    return load_batch(paths, size, 3)[0]
 
 
 def patchcore_rows(images: Path | None, n: int, fraction: float, batch: int, repeats: int) -> list[str]:
