@@ -68,11 +68,11 @@ def method_rows(run_dir: Path, method: str, pictures: list, args: argparse.Names
         eager = inferencers["eager"]
         category = (eager.categories or [None])[0] if args.category is None else args.category
         images = load_batch(pictures, eager.input_size, eager.channels)[0]
-        maps = {name: score_all(inf, images, category, args.batch_size) for name, inf in inferencers.items()}
         with torch.inference_mode():
             rounds = {name: lambda inf=inf: score_all(inf, images, category, args.batch_size)
                       for name, inf in inferencers.items()}  # fmt: skip
-            seconds = {name: statistics.median(t) for name, t in interleaved_times(rounds, args.repeats, 1).items()}
+            maps = {name: run() for name, run in rounds.items()}  # also the untimed warm-up round
+            seconds = {name: statistics.median(t) for name, t in interleaved_times(rounds, args.repeats).items()}
     scale = float(maps["eager"].max() - maps["eager"].min()) or 1.0
     rows = []
     for name in inferencers:
