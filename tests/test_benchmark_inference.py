@@ -1,20 +1,10 @@
 """benchmarks/inference.py --quick runs in seconds and prints one table in which the exact variant matches the plain
 decoder path."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import torch
+from benchmark_scripts import load_benchmark
 
-# Loaded from its file: benchmarks/ is a folder of scripts, not a package; a script imports its siblings
-# (``timing``) as when it runs from there.
-_BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(_BENCHMARKS))
-_SPEC = importlib.util.spec_from_file_location("benchmark_inference", _BENCHMARKS / "inference.py")
-inference = importlib.util.module_from_spec(_SPEC)
-sys.modules[_SPEC.name] = inference  # dataclasses look their module up there
-_SPEC.loader.exec_module(inference)
+inference = load_benchmark("inference")
 
 
 def table_rows(text: str) -> dict[str, list[str]]:

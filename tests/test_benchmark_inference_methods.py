@@ -1,32 +1,16 @@
 """benchmarks/inference_methods.py on the tiny run with HVQ-Trans: one row per method and runtime, and every
 runtime's maps agree with eager torch (the benchmark's own check column)."""
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def load_benchmark() -> object:
-    """The script loaded from its file, with benchmarks/ on the path for its sibling imports."""
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        path = BENCHMARKS / "inference_methods.py"
-        spec = importlib.util.spec_from_file_location("benchmark_inference_methods", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return module
+from benchmark_scripts import load_benchmark
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_rows_per_method_and_runtime_agree_with_eager(tiny_run_with_hvq: Path, capsys: pytest.CaptureFixture) -> None:
-    benchmark = load_benchmark()
+    benchmark = load_benchmark("inference_methods")
     threads = torch.get_num_threads()
     try:
         benchmark.main(["--run_dir", str(tiny_run_with_hvq), "--methods", "lsgs", "patchcore", "hvq_trans",
@@ -44,7 +28,7 @@ def test_rows_per_method_and_runtime_agree_with_eager(tiny_run_with_hvq: Path, c
 
 
 def test_an_unknown_method_stops_with_one_line(tiny_run_with_methods: Path) -> None:
-    benchmark = load_benchmark()
+    benchmark = load_benchmark("inference_methods")
     threads = torch.get_num_threads()
     with pytest.raises(SystemExit, match=r"--methods \['padim'\]: not evaluated in"):
         benchmark.main(["--run_dir", str(tiny_run_with_methods), "--methods", "padim"])
